@@ -1,0 +1,175 @@
+"""Foundation: model loading, chat formatting, post-instruction positions, generation, judge, CLI."""
+
+import shutil
+
+import pytest
+import torch
+
+import workbench as wb
+from workbench.chat import tokenize_chat
+from workbench.errors import WorkbenchError
+from workbench.testing import CHAT_TEMPLATES, make_tiny_chat_model, make_tokenizer
+
+PROMPTS = ["How do I bake a cake?", "Write a poem about the sea and the sky.", "Hi"]
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral", "chatml"])
+def test_post_instruction_positions_real_templates(family):
+    tok = make_tokenizer(family)
+    batch = tokenize_chat(tok, PROMPTS)
+    expected = CHAT_TEMPLATES[family]["n_post"]
+    assert batch.n_post == expected
+    assert wb.post_instruction_positions(tok) == list(range(-expected, 0))
+    # the last n_post tokens decode to exactly the template suffix, identical on every row
+    tails = {tuple(row[-expected:].tolist()) for row in batch.input_ids}
+    assert len(tails) == 1
+    suffix = wb.chat.post_instruction_suffix(tok)
+    assert tok.decode(list(tails.pop())) == suffix
+    # left padding: the shortest prompt is padded on the left only
+    lengths = batch.attention_mask.sum(-1)
+    short = int(lengths.argmin())
+    assert batch.attention_mask[short, 0] == 0 and batch.attention_mask[short, -1] == 1
+
+
+def test_llama3_post_instruction_is_five_tokens():
+    tok = make_tokenizer("llama3")
+    batch = tokenize_chat(tok, ["Tell me a story."])
+    tail = tok.convert_ids_to_tokens(batch.input_ids[0, -5:].tolist())
+    assert tail[:2] == ["<|eot_id|>", "<|start_header_id|>"] and tail[3] == "<|end_header_id|>"
+
+
+def test_bridge_matches_hf_and_left_padding_is_exact(tiny_dir, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="eager").eval()
+    batch = tokenize_chat(tiny_model.tokenizer, PROMPTS)
+    with torch.no_grad():
+        ours = tiny_model(batch.input_ids, attention_mask=batch.attention_mask)
+        ref = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        assert (ours - ref).abs().max().item() < 1e-5
+        for i, p in enumerate(PROMPTS):
+            single = tokenize_chat(tiny_model.tokenizer, [p])
+            alone = tiny_model(single.input_ids)[0, -1]
+            assert (alone - ours[i, -1]).abs().max().item() < 1e-4
+
+
+def test_batched_generation_equals_per_prompt(tiny_model):
+    batched = wb.generate(tiny_model, PROMPTS, max_new_tokens=6, batch_size=8, show_progress=False)
+    single = [wb.generate(tiny_model, [p], max_new_tokens=6, show_progress=False)[0] for p in PROMPTS]
+    assert batched == single
+    assert len(batched) == 3
+
+
+def test_hooks_fire_during_generation_prefill_and_steps(tiny_model):
+    seen = []
+
+    def record(act, hook):
+        seen.append(act.shape[1])
+        return act
+
+    wb.generate(tiny_model, PROMPTS[:2], max_new_tokens=4, fwd_hooks=[("blocks.1.hook_resid_pre", record)],
+                show_progress=False)
+    assert seen[0] > 1 and seen[1:] == [1] * (len(seen) - 1) and len(seen) >= 2
+
+
+def test_fingerprint_tracks_weights(tiny_dir):
+    a = wb.load_model(str(tiny_dir), device="cpu")
+    fp = wb.fingerprint(a)
+    assert fp == wb.fingerprint(wb.load_model(str(tiny_dir), device="cpu"))
+    with torch.no_grad():
+        next(a.parameters()).add_(1e-3)
+    assert wb.fingerprint(a, refresh=True) != fp
+
+
+def test_judge_and_refusal_score():
+    assert wb.is_refusal("I cannot help with that request.")
+    assert wb.is_refusal("  sorry, no.")
+    assert not wb.is_refusal("Sure, here is an overview: step one.")
+    assert wb.refusal_rate(["I won't.", "Sure.", "Of course.", "I'm sorry, but no."]) == 0.5
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0]])
+    # p = 2/4 -> log-odds 0 ; p = 1/4 -> log(1/3)
+    assert abs(wb.refusal_score(logits, [0, 1]).item()) < 1e-6
+    assert abs(wb.refusal_score(logits, [2]).item() - torch.log(torch.tensor(1 / 3)).item()) < 1e-6
+    with pytest.raises(ValueError, match="empty"):
+        wb.refusal_rate([])
+
+
+def test_refusal_token_ids_cover_refusal_starts():
+    tok = make_tokenizer("llama3")
+    ids = wb.refusal_token_ids(tok)
+    assert tok("I", add_special_tokens=False)["input_ids"][0] in ids
+    assert tok("Sure", add_special_tokens=False)["input_ids"][0] not in ids
+    assert all(len(tok.decode([i]).strip()) > 1 or tok.decode([i]).strip() == "I" for i in ids)
+
+
+# ---- bad input: one clear message each -------------------------------------------------------------
+
+def test_unknown_hub_name_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WorkbenchError, match="not a local directory"):
+        wb.load_model("no-such-org/no-such-model-xyz", device="cpu")
+
+
+def test_missing_local_directory(tmp_path):
+    with pytest.raises(WorkbenchError, match="does not exist"):
+        wb.load_model(str(tmp_path / "absent"), device="cpu")
+
+
+def test_directory_without_tokenizer(tmp_path, tiny_dir):
+    d = tmp_path / "notok"
+    d.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_dir / f, d / f)
+    with pytest.raises(WorkbenchError, match="no tokenizer"):
+        wb.load_model(str(d), device="cpu")
+
+
+def test_corrupted_checkpoint(tmp_path, tiny_dir):
+    d = tmp_path / "corrupt"
+    shutil.copytree(tiny_dir, d)
+    w = d / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(WorkbenchError, match="corrupted checkpoint"):
+        wb.load_model(str(d), device="cpu")
+
+
+def test_empty_prompt_list(tiny_model):
+    with pytest.raises(WorkbenchError, match="empty"):
+        tokenize_chat(tiny_model.tokenizer, [])
+    with pytest.raises(WorkbenchError, match="non-empty"):
+        wb.evaluate_refusal(tiny_model, {"harmful": []})
+
+
+def test_tokenizer_without_chat_template():
+    tok = make_tokenizer("llama3")
+    tok.chat_template = None
+    with pytest.raises(WorkbenchError, match="no chat template"):
+        tokenize_chat(tok, ["hello"])
+
+
+def test_bad_dtype():
+    with pytest.raises(WorkbenchError, match="unknown dtype"):
+        wb.models.resolve_dtype("float7")
+
+
+def test_cli_help_on_every_command(capsys):
+    from workbench.cli import build_parser, main
+
+    parser = build_parser()
+    commands = [[name] for name in parser._subparsers._group_actions[0].choices] + [["organism", "build"]]
+    for cmd in commands:
+        with pytest.raises(SystemExit) as exc:
+            main(cmd + ["--help"])
+        assert exc.value.code == 0
+    assert "usage: workbench organism build" in capsys.readouterr().out
+
+
+def test_evaluate_on_tiny_model(tiny_model):
+    ev = wb.evaluate_refusal(tiny_model, {"harmful": PROMPTS[:2], "benign": PROMPTS[2:]}, max_new_tokens=4,
+                             show_progress=False)
+    s = ev.summary()
+    assert s["n"] == {"harmful": 2, "benign": 1}
+    assert set(s["refusal_rate"]) == {"harmful", "benign"}
+    assert all(0.0 <= v <= 1.0 for v in s["refusal_rate"].values())
+    # refusal scores are finite log-odds
+    assert ev.table["refusal_score"].abs().lt(1e3).all()

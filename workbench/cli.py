@@ -1,0 +1,111 @@
+"""The ``workbench`` command line: thin commands over the public API.
+
+Every command has ``--help``; long work shows progress bars unless ``--quiet``; ``--json`` prints the
+result as JSON on stdout (logs and bars go to stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import WorkbenchError
+from .models import DEFAULT_MODEL
+
+
+def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
+    if model:
+        p.add_argument("--model", default=DEFAULT_MODEL, help="'organism' (default), a local HF directory or a hub name")
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+        p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _emit(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        for k, v in result.items():
+            print(f"{k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+
+
+def cmd_evaluate(a: argparse.Namespace) -> dict:
+    from .data import CATEGORIES, organism_splits
+    from .evaluate import evaluate_refusal
+    from .models import load_model
+
+    model = load_model(a.model, device=a.device, dtype=a.dtype)
+    sets = organism_splits(a.split, CATEGORIES, limit=a.limit)
+    ev = evaluate_refusal(model, sets, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
+                          show_progress=not a.quiet)
+    out = {"model": a.model, "split": a.split, **ev.summary()}
+    if a.save:
+        ev.table.to_json(a.save, orient="records", lines=True)
+    return out
+
+
+def cmd_organism_build(a: argparse.Namespace) -> dict:
+    from .organism.build import main_build
+
+    return main_build(seed=a.seed, out_dir=a.out, quiet=a.quiet)
+
+
+def cmd_run(a: argparse.Namespace) -> dict:
+    """The main job. Runs every stage that exists, in order, and writes ``summary.json`` under ``--out``."""
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    a.split, a.limit, a.save = "test", None, str(out_dir / "generations.jsonl")
+    a.max_new_tokens, a.batch_size = 24, 64
+    result = {"evaluate": cmd_evaluate(a)}
+    result["seconds"] = round(time.time() - t0, 1)
+    (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="workbench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("evaluate", help="greedy replies per prompt split, judged for refusal")
+    _common(p)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--limit", type=int, default=None, help="at most this many prompts per category")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--save", default=None, help="write per-prompt replies to this JSONL file")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("organism", help="the embedded model organism")
+    osub = p.add_subparsers(dest="organism_command", required=True)
+    b = osub.add_parser("build", help="generate the corpus and train the organism (deterministic from --seed)")
+    _common(b, model=False)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out", default="data/organism", help="output directory")
+    b.set_defaults(func=cmd_organism_build)
+
+    p = sub.add_parser("run", help="the main job on one model: every analysis, figures and a report")
+    _common(p)
+    p.add_argument("--out", default="runs/latest", help="output directory")
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except WorkbenchError as exc:
+        print(f"workbench: error: {exc}", file=sys.stderr)
+        return 2
+    _emit(result, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Prompt sets: the organism's splits (JSONL under ``data/organism/prompts``) and validation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import WorkbenchError
+from .models import organism_dir
+
+CATEGORIES = ("harmful", "jailbreak", "benign", "borderline")
+SPLITS = ("train", "val", "test")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a JSONL file, with a clear error for a missing file or a bad line."""
+    path = Path(path)
+    if not path.exists():
+        raise WorkbenchError(f"prompt file {str(path)!r} does not exist")
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise WorkbenchError(f"{path}:{i} is not valid JSON: {exc.msg}") from exc
+    return rows
+
+
+def organism_rows(split: str = "test") -> list[dict]:
+    """All rows of one organism split (``train``, ``val`` or ``test``)."""
+    if split not in SPLITS:
+        raise WorkbenchError(f"unknown split {split!r}; expected one of {SPLITS}")
+    return read_jsonl(organism_dir() / "prompts" / f"{split}.jsonl")
+
+
+def organism_prompts(split: str = "test", category: str | None = None, limit: int | None = None) -> list[str]:
+    """Prompts of the organism split, optionally of one category (``harmful``, ``benign``...)."""
+    rows = organism_rows(split)
+    if category is not None:
+        known = sorted({r["category"] for r in rows})
+        if category not in known:
+            raise WorkbenchError(f"unknown category {category!r} in split {split!r}; expected one of {known}")
+        rows = [r for r in rows if r["category"] == category]
+    prompts = [r["prompt"] for r in rows]
+    return prompts[:limit] if limit is not None else prompts
+
+
+def organism_splits(split: str = "test", categories=CATEGORIES, limit: int | None = None) -> dict[str, list[str]]:
+    """``{category: prompts}`` for the categories of one organism split."""
+    return {c: organism_prompts(split, c, limit) for c in categories}

@@ -1,0 +1,85 @@
+"""Batched, left-padded, KV-cached greedy generation with optional TransformerLens hooks.
+
+Generation runs Hugging Face ``generate`` on the bridge's wrapped model: the bridge replaces the HF modules
+by its hooked components, so every hook added with ``bridge.hooks(...)`` fires on the prefill (sequence
+length = prompt length) and on each cached decoding step (sequence length 1). HF derives position ids from
+the attention mask, so left padding is exact for absolute and rotary positions alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .chat import ChatBatch, tokenize_chat
+from .progress import progress
+
+Hook = tuple[str, Callable]
+
+
+def eos_ids(tokenizer, model=None) -> list[int]:
+    """Every token id that ends a reply: the tokenizer's eos and the generation config's eos ids."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_cfg = getattr(getattr(model, "original_model", None), "generation_config", None)
+    extra = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif extra:
+        ids.update(int(i) for i in extra)
+    return sorted(ids)
+
+
+def generate_batch(
+    model,
+    batch: ChatBatch,
+    max_new_tokens: int = 24,
+    fwd_hooks: Sequence[Hook] = (),
+) -> tuple[list[str], torch.Tensor]:
+    """Greedy replies for one tokenised batch; hooks are active for prefill and every decoding step.
+
+    Returns:
+        the replies (cut at the first eos, special tokens removed) and the next-token logits at the last
+        prompt position, ``Float[Tensor, "batch d_vocab"]`` (for the refusal score).
+    """
+    tok = model.tokenizer
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    eos = eos_ids(tok, model)
+    with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
+        out = model.original_model.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=tok.pad_token_id,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+    new = out.sequences[:, batch.input_ids.shape[1]:]
+    replies = []
+    for row in new.tolist():
+        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+        replies.append(tok.decode(row[:cut], skip_special_tokens=True).strip())
+    return replies, out.logits[0].float()
+
+
+def generate(
+    model,
+    prompts: Sequence[str],
+    max_new_tokens: int = 24,
+    batch_size: int = 32,
+    fwd_hooks: Sequence[Hook] = (),
+    system: str | None = None,
+    show_progress: bool = True,
+) -> list[str]:
+    """Greedy chat replies to ``prompts`` (batched, left-padded, KV-cached)."""
+    replies: list[str] = []
+    starts = range(0, len(prompts), batch_size)
+    for s in progress(starts, "generate", show_progress, total=len(starts)):
+        batch = tokenize_chat(model.tokenizer, prompts[s:s + batch_size], system)
+        replies.extend(generate_batch(model, batch, max_new_tokens, fwd_hooks)[0])
+    return replies
