@@ -92,7 +92,30 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--out", default="runs/latest", help="output directory")
     p.set_defaults(func=cmd_run)
+
+    bench = sub.add_parser("bench", help="ratio benchmarks against peers, measured in one process")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    for register in _registrars():
+        register(sub, bench_sub)
     return parser
+
+
+#: Modules that add their own commands: each defines ``register(sub, bench_sub)`` which adds parsers to the
+#: top-level subparsers ``sub`` and to the ``workbench bench ...`` subparsers ``bench_sub``. Use
+#: :func:`add_common_args` for --model/--device/--dtype/--quiet/--json. One line per analysis module.
+COMMAND_MODULES: list[str] = [
+]
+
+
+def _registrars():
+    import importlib
+
+    for name in COMMAND_MODULES:
+        yield importlib.import_module(name).register
+
+
+add_common_args = _common
+emit = _emit
 
 
 def main(argv: list[str] | None = None) -> int:
