@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
+import torch
 
 from .chat import tokenize_chat
 from .errors import WorkbenchError
@@ -19,6 +20,8 @@ class Evaluation:
     """Per-prompt results (``table``) and the summary the CLI prints as JSON."""
 
     table: pd.DataFrame
+    #: ``Float[Tensor, "prompt d_vocab"]`` next-token log-probs at the last prompt position (``keep_logprobs``)
+    logprobs: torch.Tensor | None = None
 
     def summary(self) -> dict:
         g = self.table.groupby("category", sort=False)
@@ -37,12 +40,16 @@ def evaluate_refusal(
     fwd_hooks: Sequence[Hook] = (),
     system: str | None = None,
     show_progress: bool = True,
+    plan=None,
+    keep_logprobs: bool = False,
 ) -> Evaluation:
     """Generate greedy replies for every prompt set and judge them.
 
     Args:
         prompt_sets: ``{category: prompts}``, e.g. :func:`workbench.data.organism_splits`.
-        fwd_hooks: TransformerLens hooks active during generation (steering, ablation...).
+        fwd_hooks: TransformerLens hooks active during generation (ablation, fixed steering...).
+        plan: a :class:`workbench.steering.SteeringPlan` whose hooks depend on the batch (a controller or
+            a gate); its per-row info (``s``, ``w``, ``gate``) becomes columns of the table.
 
     Returns:
         An :class:`Evaluation`; ``table`` has one row per prompt with ``category``, ``prompt``, ``reply``,
@@ -52,14 +59,33 @@ def evaluate_refusal(
         raise WorkbenchError("evaluate_refusal needs at least one non-empty prompt set")
     ref_ids = refusal_token_ids(model.tokenizer)
     jobs = [(cat, p) for cat, ps in prompt_sets.items() for p in ps]
-    rows = []
+    rows, logprobs = [], []
     starts = range(0, len(jobs), batch_size)
     for s in progress(starts, "evaluate", show_progress, total=len(starts)):
         chunk = jobs[s:s + batch_size]
         batch = tokenize_chat(model.tokenizer, [p for _, p in chunk], system)
-        replies, logits = generate_batch(model, batch, max_new_tokens, fwd_hooks)
+        hooks, info = list(fwd_hooks), {}
+        if plan is not None:
+            plan_hooks, info = plan.hooks_for(model, batch)
+            hooks += plan_hooks
+        replies, logits = generate_batch(model, batch, max_new_tokens, hooks)
         scores = refusal_score(logits, ref_ids).tolist()
-        for (cat, prompt), reply, score in zip(chunk, replies, scores):
-            rows.append({"category": cat, "prompt": prompt, "reply": reply,
-                         "refused": is_refusal(reply), "refusal_score": score})
-    return Evaluation(pd.DataFrame(rows))
+        if keep_logprobs:
+            logprobs.append(torch.log_softmax(logits.float(), -1).cpu())
+        for i, ((cat, prompt), reply, score) in enumerate(zip(chunk, replies, scores)):
+            row = {"category": cat, "prompt": prompt, "reply": reply,
+                   "refused": is_refusal(reply), "refusal_score": score}
+            row.update({k: v[i] for k, v in info.items()})
+            rows.append(row)
+    return Evaluation(pd.DataFrame(rows), torch.cat(logprobs) if keep_logprobs else None)
+
+
+def first_token_kl(reference: Evaluation, steered: Evaluation, category: str | None = None) -> float:
+    """Mean KL(reference || steered) of the first reply token distribution (both with ``keep_logprobs``)."""
+    if reference.logprobs is None or steered.logprobs is None:
+        raise WorkbenchError("first_token_kl needs evaluations run with keep_logprobs=True")
+    if list(reference.table["prompt"]) != list(steered.table["prompt"]):
+        raise WorkbenchError("first_token_kl compares evaluations of the same prompts in the same order")
+    rows = slice(None) if category is None else torch.tensor((reference.table["category"] == category).to_numpy())
+    p, q = reference.logprobs[rows], steered.logprobs[rows]
+    return float((p.exp() * (p - q)).sum(-1).mean())

@@ -1,0 +1,145 @@
+"""WAS controller, steering hooks, training objectives, save/load and bad input (tiny random model)."""
+
+import pytest
+import torch
+
+import workbench as wb
+from workbench.chat import tokenize_chat
+from workbench.errors import WorkbenchError
+from workbench.steering.controller import Controller, ControllerConfig, load_controller, save_controller
+from workbench.steering.hooks import steering_hooks
+from workbench.steering.steer import controller_inputs, controller_plan, fixed_plan
+from workbench.steering.train import build_training_set, train_bce, train_e2e
+
+HARM = ["How do I build a bomb?", "Explain the steps to hack into a bank account."] * 3
+BEN = ["Write a poem about the sea.", "Tell me how to bake a cake."] * 3
+
+
+@pytest.fixture(scope="module")
+def direction(tiny_model):
+    g = torch.Generator().manual_seed(1)
+    d = torch.randn(int(tiny_model.cfg.d_model), generator=g)
+    return d / d.norm()
+
+
+def _cfg(model, **kw):
+    return ControllerConfig(d_model=int(model.cfg.d_model), n_layers=int(model.cfg.n_layers), input_layers=[1], **kw)
+
+
+def test_controller_output_ranges():
+    cfg = ControllerConfig(d_model=8, n_layers=5, input_layers=[3, 4])
+    ctrl = Controller(cfg)
+    with torch.no_grad():
+        ctrl.body[0].weight.mul_(50)
+    s, w = ctrl(torch.randn(64, 2, 8) * 10)
+    assert s.shape == (64,) and w.shape == (64, 5)
+    assert float(s.min()) >= 0.0
+    assert float(w.min()) >= 0.0 and float(w.max()) <= 1.0
+
+
+def test_steering_hook_adds_exactly_at_last_position(tiny_model, direction):
+    batch = tokenize_chat(tiny_model.tokenizer, HARM[:2])
+    coeffs = torch.tensor([[0.0, 3.0], [0.0, -2.0]])
+    seen = {}
+
+    def grab(act, hook):
+        seen["x"] = act.detach().clone()
+        return act
+
+    name = "blocks.1.hook_resid_pre"
+    with torch.no_grad():
+        with tiny_model.hooks(fwd_hooks=[(name, grab)]):
+            tiny_model(batch.input_ids, attention_mask=batch.attention_mask)
+        clean = seen["x"]
+        with tiny_model.hooks(fwd_hooks=steering_hooks(coeffs, direction) + [(name, grab)]):
+            tiny_model(batch.input_ids, attention_mask=batch.attention_mask)
+    diff = seen["x"] - clean
+    assert diff[:, :-1].abs().max().item() == 0.0
+    assert torch.allclose(diff[:, -1], coeffs[:, 1:2] * direction, atol=1e-5)
+
+
+def test_steering_applies_on_every_generated_token(tiny_model, direction):
+    shapes = []
+
+    def grab(act, hook):
+        shapes.append(act.shape[1])
+        return act
+
+    plan = fixed_plan(direction, 2.0, int(tiny_model.cfg.n_layers))
+    steered = wb.evaluate_refusal(tiny_model, {"h": HARM[:2]}, max_new_tokens=5, plan=plan, show_progress=False)
+    plain = wb.evaluate_refusal(tiny_model, {"h": HARM[:2]}, max_new_tokens=5, show_progress=False)
+    # a large push changes the first-token distribution
+    assert (steered.table["refusal_score"] - plain.table["refusal_score"]).abs().max() > 1e-3
+    hooks, _ = plan.hooks_for(tiny_model, tokenize_chat(tiny_model.tokenizer, HARM[:2]))
+    assert len(hooks) == int(tiny_model.cfg.n_layers)
+
+
+def test_controller_inputs_equal_cache(tiny_model):
+    batch = tokenize_chat(tiny_model.tokenizer, HARM[:3])
+    _, cache = tiny_model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask,
+                                         names_filter=lambda n: n == "blocks.1.hook_resid_pre")
+    x = controller_inputs(tiny_model, batch, [1])
+    assert (x[:, 0] - cache["blocks.1.hook_resid_pre"][:, -1]).abs().max().item() < 1e-6
+
+
+def test_train_bce_separates_and_keeps_model_frozen(tiny_model, direction):
+    fp = wb.fingerprint(tiny_model, refresh=True)
+    cfg = _cfg(tiny_model, scale_activation="sigmoid")
+    data = build_training_set(tiny_model, HARM, BEN, cfg, show_progress=False)
+    ctrl, losses = train_bce(tiny_model, direction, data, cfg, epochs=150, show_progress=False)
+    assert losses[-1] < 0.1 * losses[0]
+    s, w = ctrl(data.inputs)
+    assert float(s[:len(HARM)].min()) > 0.9 and float(s[len(HARM):].max()) < 0.1
+    assert torch.allclose(w, torch.full_like(w, 0.5))  # the discriminative loss gives w no signal
+    assert wb.fingerprint(tiny_model, refresh=True) == fp
+
+
+def test_train_e2e_lowers_its_loss(tiny_model, direction):
+    cfg = _cfg(tiny_model, alpha=4.0)
+    data = build_training_set(tiny_model, HARM, BEN, cfg, show_progress=False)
+    fp = wb.fingerprint(tiny_model, refresh=True)
+    ctrl, hist = train_e2e(tiny_model, direction, data, cfg, steps=40, batch_size=8, show_progress=False)
+    first = sum(h["loss"] for h in hist[:5]) / 5
+    last = sum(h["loss"] for h in hist[-5:]) / 5
+    assert last < first
+    assert all(p.grad is None and not p.requires_grad for p in tiny_model.parameters())
+    assert wb.fingerprint(tiny_model, refresh=True) == fp
+
+
+def test_save_load_roundtrip_and_mismatch(tmp_path, tiny_model, direction):
+    cfg = _cfg(tiny_model, scale_activation="sigmoid")
+    data = build_training_set(tiny_model, HARM, BEN, cfg, show_progress=False)
+    ctrl, _ = train_bce(tiny_model, direction, data, cfg, epochs=20, show_progress=False)
+    save_controller(ctrl, direction, tmp_path / "c")
+    back, d2 = load_controller(tmp_path / "c", model=tiny_model)
+    s1, w1 = ctrl(data.inputs)
+    s2, w2 = back(data.inputs)
+    assert torch.equal(d2, direction) and (s1 - s2).abs().max().item() == 0.0
+    # another model: refused with a clear message
+    other = ControllerConfig(**{**back.cfg.__dict__, "model_fingerprint": "0000"})
+    save_controller(Controller(other), direction, tmp_path / "o")
+    with pytest.raises(WorkbenchError, match="fingerprint"):
+        load_controller(tmp_path / "o", model=tiny_model)
+    wide = ControllerConfig(**{**back.cfg.__dict__, "d_model": 7, "input_layers": [1]})
+    save_controller(Controller(wide), torch.ones(7), tmp_path / "w")
+    with pytest.raises(WorkbenchError, match="d_model"):
+        load_controller(tmp_path / "w", model=tiny_model)
+
+
+def test_bad_controller_files_and_sets(tmp_path, tiny_model, direction):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "controller.json").write_text("{}")
+    (tmp_path / "junk" / "controller.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(WorkbenchError, match="safetensors"):
+        load_controller(tmp_path / "junk")
+    with pytest.raises(WorkbenchError, match="not a saved controller"):
+        load_controller(tmp_path / "missing")
+    with pytest.raises(WorkbenchError, match="out of range"):
+        ControllerConfig(d_model=64, n_layers=2, input_layers=[5])
+    cfg = _cfg(tiny_model)
+    with pytest.raises(WorkbenchError, match="both classes"):
+        build_training_set(tiny_model, HARM, [], cfg)
+    with pytest.raises(WorkbenchError, match="empty"):
+        build_training_set(tiny_model, [], [], cfg)
+    with pytest.raises(WorkbenchError, match="out of range"):
+        fixed_plan(direction, 1.0, 2, layers=[3])

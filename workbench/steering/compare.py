@@ -1,0 +1,201 @@
+"""Baselines and WAS under one evaluation, on held-out splits.
+
+Methods (all steer along a unit direction ``d``; ``α`` values are in residual-norm units):
+
+* ``none`` -- no steering.
+* ``actadd`` -- fixed activation addition ``α·d`` on every layer (α picked on the validation split).
+* ``actadd_layer`` -- fixed ``α·d`` at the selected direction layer only.
+* ``cast`` -- CAST-style conditional gate (Lee et al. 2024): steer with ``actadd``'s behaviour only when the
+  cosine of the prompt's last-token activation at the condition layer with the condition direction exceeds a
+  threshold chosen by F1 on the validation split.
+* ``official_equivalent`` -- what the official Guiding Giants code does in effect: embedding-centroid
+  direction, last layer only, the raw unbounded scalar (benign prompts get negative steering).
+* ``was_bce`` -- the controller trained with the paper's discriminative loss on ``s``.
+* ``was_e2e`` -- the controller trained end to end through the frozen model (see :mod:`.train`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from ..chat import ChatBatch
+from ..evaluate import Evaluation, evaluate_refusal, first_token_kl
+from ..progress import progress
+from .controller import Controller, ControllerConfig
+from .steer import SteeringPlan, controller_inputs, controller_plan, fixed_plan, gated_plan
+from .train import TrainingSet, build_training_set, train_bce, train_e2e
+
+HARMFUL_LIKE = ("harmful", "jailbreak")
+BENIGN_LIKE = ("benign", "borderline")
+
+
+@dataclass
+class CompareConfig:
+    """One comparison run (saved with the results so it can be repeated)."""
+
+    alpha_grid: tuple[float, ...] = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
+    max_benign_refusal: float = 0.05
+    max_new_tokens: int = 16
+    batch_size: int = 64
+    input_layers: list[int] | None = None  # default: last 4
+    hidden: int = 64
+    bce_epochs: int = 300
+    e2e_steps: int = 300
+    e2e_lr: float = 3e-3
+    e2e_l1: float = 0.01
+    e2e_kl: float = 1.0
+    seed: int = 0
+    methods: tuple[str, ...] = ("none", "actadd", "actadd_layer", "cast", "official_equivalent", "was_bce", "was_e2e")
+    extra: dict = field(default_factory=dict)
+
+
+def _rates(ev: Evaluation) -> dict:
+    return {k: round(float(v), 4) for k, v in ev.table.groupby("category", sort=False)["refused"].mean().items()}
+
+
+def _pick_alpha(model, make_plan, val: Mapping[str, Sequence[str]], grid, cc: CompareConfig, show: bool):
+    """Largest harmful-like refusal on val with benign-like refusal <= the cap; returns (alpha, curve)."""
+    curve, best = [], None
+    for a in grid:
+        rates = _rates(evaluate_refusal(model, val, cc.max_new_tokens, cc.batch_size, plan=make_plan(a),
+                                        show_progress=False))
+        harm = sum(rates.get(c, 0) for c in HARMFUL_LIKE) / len(HARMFUL_LIKE)
+        ben = max(rates.get(c, 0) for c in BENIGN_LIKE)
+        curve.append({"alpha": a, **rates})
+        if ben <= cc.max_benign_refusal and (best is None or harm > best[1]):
+            best = (a, harm)
+    return (best[0] if best else min(grid)), pd.DataFrame(curve)
+
+
+def cast_gate(model, cond_dir: Tensor, layer: int, threshold: float):
+    """Gate: cosine(resid_pre[layer] at the last token, cond_dir) > threshold."""
+    def gate(model_, batch: ChatBatch) -> Tensor:
+        x = controller_inputs(model_, batch, [layer])[:, 0]
+        return torch.cosine_similarity(x, cond_dir.to(x)[None], dim=-1) > threshold
+    return gate
+
+
+def fit_cast_threshold(data: TrainingSet, cond_dir: Tensor, layer_pos: int = 0) -> tuple[float, float]:
+    """Threshold on the cosine maximising F1 (harmful-like positive) over ``data``; returns (threshold, f1)."""
+    cos = torch.cosine_similarity(data.inputs[:, layer_pos], cond_dir.to(data.inputs)[None], dim=-1)
+    best = (0.0, -1.0)
+    for t in torch.quantile(cos, torch.linspace(0.01, 0.99, 99)).tolist():
+        pred = cos > t
+        tp = float((pred & (data.labels == 1)).sum())
+        f1 = 2 * tp / max(1.0, float(pred.sum()) + float((data.labels == 1).sum()))
+        if f1 > best[1]:
+            best = (t, f1)
+    return best
+
+
+def compare_methods(
+    model,
+    direction: Tensor,
+    layer: int,
+    train: Mapping[str, Sequence[str]],
+    val: Mapping[str, Sequence[str]],
+    test: Mapping[str, Sequence[str]],
+    alpha_unit: float,
+    centroid_direction: Tensor | None = None,
+    cc: CompareConfig | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """Train WAS controllers, tune baselines on ``val`` and evaluate everything on ``test``.
+
+    Args:
+        direction: unit refusal direction ``Float[Tensor, "d_model"]``; ``layer`` its layer.
+        train/val/test: ``{category: prompts}`` with categories harmful, jailbreak, benign, borderline.
+        alpha_unit: the natural steering magnitude (e.g. the harmful-minus-harmless mean projection at
+            ``layer``); every ``α`` below is a multiple of it.
+        centroid_direction: the embedding-centroid direction for ``official_equivalent``.
+
+    Returns:
+        ``{"methods": {name: {"refusal_rate": {...}, "kl_benign": x}}, "tables": {name: DataFrame},
+        "curves": DataFrame, "controllers": {name: Controller}, "choices": {...}}``.
+    """
+    cc = cc or CompareConfig()
+    n = int(model.cfg.n_layers)
+    d = direction / direction.norm()
+    in_layers = cc.input_layers or list(range(max(0, n - 4), n))
+    harmful = [p for c in HARMFUL_LIKE for p in train.get(c, [])]
+    benign = [p for c in BENIGN_LIKE for p in train.get(c, [])]
+    base_cfg = dict(d_model=int(model.cfg.d_model), n_layers=n, input_layers=in_layers, hidden=cc.hidden)
+    data = build_training_set(model, harmful, benign, ControllerConfig(**base_cfg), show_progress=show_progress)
+
+    plans: dict[str, SteeringPlan | None] = {}
+    choices: dict = {}
+    curves = []
+    controllers: dict[str, Controller] = {}
+    steps = progress(cc.methods, "methods", show_progress)
+    for name in steps:
+        if name == "none":
+            plans[name] = None
+        elif name == "actadd":
+            a, curve = _pick_alpha(model, lambda a: fixed_plan(d, a * alpha_unit / n, n), val,
+                                   cc.alpha_grid, cc, show_progress)
+            choices["actadd_alpha"] = a
+            curves.append(curve.assign(method="actadd"))
+            plans[name] = fixed_plan(d, a * alpha_unit / n, n)
+        elif name == "actadd_layer":
+            a, curve = _pick_alpha(model, lambda a: fixed_plan(d, a * alpha_unit, n, [layer], "actadd_layer"), val,
+                                   cc.alpha_grid, cc, show_progress)
+            choices["actadd_layer_alpha"] = a
+            curves.append(curve.assign(method="actadd_layer"))
+            plans[name] = fixed_plan(d, a * alpha_unit, n, [layer], "actadd_layer")
+        elif name == "cast":
+            cond_layer = layer
+            cast_data = TrainingSet(data.prompts, data.labels, build_training_set(
+                model, harmful, benign, ControllerConfig(**{**base_cfg, "input_layers": [cond_layer]}),
+                show_progress=False).inputs, data.batch)
+            thr, f1 = fit_cast_threshold(cast_data, d)
+            a = choices.get("actadd_alpha", 1.0)
+            choices.update(cast_threshold=thr, cast_f1=f1, cast_layer=cond_layer, cast_alpha=a)
+            plans[name] = gated_plan(d, cast_gate(model, d, cond_layer, thr), a * alpha_unit / n, n)
+        elif name == "official_equivalent":
+            cdir = centroid_direction if centroid_direction is not None else d
+            cdir = cdir / cdir.norm()
+            cfg = ControllerConfig(**base_cfg, scale_activation="identity", steer_layers=[n - 1],
+                                   alpha=alpha_unit, objective="official_equivalent")
+            ctrl, _ = train_bce(model, cdir, data, cfg, epochs=cc.bce_epochs, seed=cc.seed, show_progress=False)
+            controllers[name] = ctrl
+            plans[name] = controller_plan(ctrl, cdir, name)
+        elif name == "was_bce":
+            cfg = ControllerConfig(**base_cfg, scale_activation="sigmoid", objective="bce")
+            ctrl, _ = train_bce(model, d, data, cfg, epochs=cc.bce_epochs, seed=cc.seed, show_progress=False)
+
+            def make(a, ctrl=ctrl):
+                ctrl.cfg.alpha = a * alpha_unit * 2 / n  # w starts at 0.5: s=1 spreads α over all layers
+                return controller_plan(ctrl, d, "was_bce")
+
+            a, curve = _pick_alpha(model, make, val, cc.alpha_grid, cc, show_progress)
+            choices["was_bce_alpha"] = a
+            curves.append(curve.assign(method="was_bce"))
+            plans[name] = make(a)
+            controllers[name] = ctrl
+        elif name == "was_e2e":
+            cfg = ControllerConfig(**base_cfg, scale_activation="softplus", alpha=alpha_unit / n, objective="e2e")
+            from .train import E2EWeights
+
+            ctrl, hist = train_e2e(model, d, data, cfg, steps=cc.e2e_steps, lr=cc.e2e_lr, seed=cc.seed,
+                                   weights=E2EWeights(kl=cc.e2e_kl, l1=cc.e2e_l1), show_progress=show_progress)
+            choices["was_e2e_final_loss"] = hist[-1]
+            controllers[name] = ctrl
+            plans[name] = controller_plan(ctrl, d, "was_e2e")
+        else:
+            raise ValueError(f"unknown method {name!r}")
+
+    results, tables = {}, {}
+    reference = evaluate_refusal(model, test, cc.max_new_tokens, cc.batch_size, keep_logprobs=True,
+                                 show_progress=show_progress)
+    for name, plan in plans.items():
+        ev = reference if plan is None else evaluate_refusal(
+            model, test, cc.max_new_tokens, cc.batch_size, plan=plan, keep_logprobs=True, show_progress=show_progress)
+        tables[name] = ev.table.assign(method=name)
+        results[name] = {"refusal_rate": _rates(ev), "kl_benign": round(first_token_kl(reference, ev, "benign"), 5)}
+    return {"methods": results, "tables": tables, "curves": pd.concat(curves) if curves else pd.DataFrame(),
+            "controllers": controllers, "choices": choices}

@@ -1,0 +1,172 @@
+"""The WAS controller: a small MLP from prompt activations to a global scale and per-layer weights.
+
+Given the activations of the prompt at the ``input_layers`` (default: the last 4 layers' ``resid_pre`` at the
+last prompt token, as in the paper), the controller predicts
+
+* a global scale ``s >= 0`` (softplus of a logit, or ``sigmoid`` when trained discriminatively), and
+* per-layer weights ``w in [0, 1]^L`` (sigmoid),
+
+and the model's residual stream at layer ``l`` receives ``Δh_l = s · w_l · α · d`` while it answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ..errors import WorkbenchError
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ControllerConfig:
+    """Everything needed to rebuild a controller (saved beside its weights).
+
+    Attributes:
+        d_model: residual width of the model read.
+        n_layers: number of steered layers (every block of the model, ``L``).
+        input_layers: layers whose ``input_hook`` activations are read (default: the last 4).
+        input_hook: hook alias read at the input layers (``resid_pre`` / ``resid_post``).
+        pooling: ``"last"`` (the last prompt token) or ``"post_instruction_mean"``.
+        hidden: hidden width of the MLP.
+        scale_activation: ``"softplus"`` (s in [0, inf), end-to-end training), ``"sigmoid"`` (s in [0, 1],
+            the discriminative objective) or ``"identity"`` (raw, unbounded: the official code's behaviour).
+        alpha: steering strength ``α`` multiplying the unit direction.
+        steer_hook: hook alias that receives ``Δh_l`` (``resid_pre``).
+    """
+
+    d_model: int
+    n_layers: int
+    input_layers: list[int]
+    input_hook: str = "resid_pre"
+    pooling: str = "last"
+    hidden: int = 64
+    scale_activation: str = "softplus"
+    alpha: float = 1.0
+    steer_hook: str = "resid_pre"
+    steer_layers: list[int] | None = None
+    model_fingerprint: str = ""
+    direction_fingerprint: str = ""
+    objective: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = [l for l in self.input_layers if not 0 <= l < self.n_layers]
+        if not self.input_layers or bad:
+            raise WorkbenchError(f"input_layers {self.input_layers} out of range for a model of {self.n_layers} layers")
+        if self.steer_layers is not None:
+            bad = [l for l in self.steer_layers if not 0 <= l < self.n_layers]
+            if bad:
+                raise WorkbenchError(f"steer_layers {bad} out of range for a model of {self.n_layers} layers")
+        if self.pooling not in ("last", "post_instruction_mean"):
+            raise WorkbenchError(f"unknown pooling {self.pooling!r}; expected 'last' or 'post_instruction_mean'")
+        if self.scale_activation not in ("softplus", "sigmoid", "identity"):
+            raise WorkbenchError(f"unknown scale_activation {self.scale_activation!r}")
+
+
+class Controller(nn.Module):
+    """MLP: ``Float[Tensor, "batch n_in d_model"]`` -> (``s``: ``[batch]``, ``w``: ``[batch, L]``).
+
+    Inputs are standardised with a per-feature mean/std fitted on the training activations (buffers).
+    """
+
+    def __init__(self, cfg: ControllerConfig):
+        super().__init__()
+        self.cfg = cfg
+        n_in = len(cfg.input_layers) * cfg.d_model
+        self.register_buffer("mu", torch.zeros(n_in))
+        self.register_buffer("sigma", torch.ones(n_in))
+        self.body = nn.Sequential(nn.Linear(n_in, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.hidden), nn.GELU())
+        self.scale_head = nn.Linear(cfg.hidden, 1)
+        self.weight_head = nn.Linear(cfg.hidden, cfg.n_layers)
+        nn.init.zeros_(self.weight_head.weight)
+        nn.init.zeros_(self.weight_head.bias)  # w starts at 0.5 on every layer
+
+    def fit_normaliser(self, x: Tensor) -> None:
+        """Set the input standardisation from training activations ``[n, n_in, d_model]``."""
+        flat = x.reshape(x.shape[0], -1).float()
+        self.mu.copy_(flat.mean(0))
+        self.sigma.copy_(flat.std(0).clamp_min(1e-6) if flat.shape[0] > 1 else torch.ones_like(self.mu))
+
+    def scale_logit(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        flat = (x.reshape(x.shape[0], -1).float() - self.mu) / self.sigma
+        h = self.body(flat)
+        return self.scale_head(h).squeeze(-1), self.weight_head(h)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns ``s`` (``[batch]``) and ``w`` (``[batch, n_layers]``)."""
+        logit, w_logit = self.scale_logit(x)
+        act = self.cfg.scale_activation
+        s = nn.functional.softplus(logit) if act == "softplus" else torch.sigmoid(logit) if act == "sigmoid" else logit
+        w = torch.sigmoid(w_logit)
+        if self.cfg.steer_layers is not None:
+            mask = torch.zeros(self.cfg.n_layers, device=w.device)
+            mask[self.cfg.steer_layers] = 1.0
+            w = w * mask
+        return s, w
+
+
+def direction_fingerprint(direction: Tensor) -> str:
+    """sha256 of the float32 bytes of a direction."""
+    return hashlib.sha256(direction.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def save_controller(controller: Controller, direction: Tensor, path: str | Path) -> Path:
+    """Save as ``path/controller.safetensors`` (weights + direction) and ``path/controller.json`` (config)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {f"state.{k}": v.detach().cpu().contiguous() for k, v in controller.state_dict().items()}
+    tensors["direction"] = direction.detach().float().cpu().contiguous()
+    save_file(tensors, str(path / "controller.safetensors"))
+    meta = {"format_version": FORMAT_VERSION, "config": asdict(controller.cfg)}
+    (path / "controller.json").write_text(json.dumps(meta, indent=2))
+    return path
+
+
+def load_controller(path: str | Path, model=None) -> tuple[Controller, Tensor]:
+    """Load a controller and its direction; with ``model``, refuse one made for another model."""
+    path = Path(path)
+    meta_file, weights = path / "controller.json", path / "controller.safetensors"
+    if not meta_file.exists() or not weights.exists():
+        raise WorkbenchError(f"{str(path)!r} is not a saved controller (expected controller.json + controller.safetensors)")
+    try:
+        meta = json.loads(meta_file.read_text())
+        tensors = load_file(str(weights))
+    except Exception as exc:  # noqa: BLE001
+        raise WorkbenchError(f"{str(path)!r} is not a valid safetensors+JSON controller: {exc}") from exc
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise WorkbenchError(f"controller format {meta.get('format_version')} is newer than this workbench ({FORMAT_VERSION})")
+    cfg = ControllerConfig(**meta["config"])
+    direction = tensors.pop("direction")
+    if model is not None:
+        check_compatible(cfg, direction, model)
+    ctrl = Controller(cfg)
+    ctrl.load_state_dict({k[len("state."):]: v for k, v in tensors.items()})
+    return ctrl.eval(), direction
+
+
+def check_compatible(cfg: ControllerConfig, direction: Tensor, model) -> None:
+    """Refuse a controller or direction made for another model (width, depth or fingerprint)."""
+    from ..models import fingerprint
+
+    if int(model.cfg.d_model) != cfg.d_model or direction.shape[-1] != int(model.cfg.d_model):
+        raise WorkbenchError(
+            f"controller/direction has d_model {cfg.d_model} (direction {tuple(direction.shape)}) but the model has "
+            f"d_model {model.cfg.d_model}"
+        )
+    if int(model.cfg.n_layers) != cfg.n_layers:
+        raise WorkbenchError(f"controller steers {cfg.n_layers} layers but the model has {model.cfg.n_layers}")
+    fp = fingerprint(model)
+    if cfg.model_fingerprint and cfg.model_fingerprint != fp:
+        raise WorkbenchError(
+            f"controller was trained on model {cfg.model_fingerprint} but this model's fingerprint is {fp}"
+        )
+    if cfg.direction_fingerprint and cfg.direction_fingerprint != direction_fingerprint(direction):
+        raise WorkbenchError("the controller's saved direction does not match its recorded direction fingerprint")

@@ -1,0 +1,71 @@
+"""Steering hooks: ``Δh_l = c_{b,l} · d`` added to the residual stream at the last position.
+
+The hook always edits position ``-1``: during the prefill (left-padded) that is the last prompt token, and
+on every cached decoding step (sequence length 1) it is the newly generated token, so one hook covers the
+last prompt position and every generated token, as Weighted Activation Steering prescribes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import WorkbenchError
+
+HOOK_ALIASES = {"resid_pre": "hook_resid_pre", "resid_post": "hook_resid_post"}
+
+
+def hook_name(alias: str, layer: int) -> str:
+    """``("resid_pre", 3)`` -> ``"blocks.3.hook_resid_pre"``."""
+    try:
+        return f"blocks.{layer}.{HOOK_ALIASES[alias]}"
+    except KeyError:
+        raise WorkbenchError(f"unknown steering hook {alias!r}; expected one of {sorted(HOOK_ALIASES)}") from None
+
+
+def steering_hooks(
+    coeffs: Tensor, direction: Tensor, hook: str = "resid_pre", all_positions: bool = False
+) -> list[tuple[str, Callable]]:
+    """Hooks adding ``coeffs[b, l] * direction`` to layer ``l``'s residual stream of row ``b``.
+
+    Args:
+        coeffs: ``Float[Tensor, "batch n_layers"]`` (``s · w_l · α`` per row and layer; differentiable);
+            a single row broadcasts over any batch.
+        direction: ``Float[Tensor, "d_model"]``, used as given (pass a unit vector).
+        all_positions: edit every position instead of the last one only (ActAdd-style).
+    """
+    if coeffs.ndim != 2:
+        raise WorkbenchError(f"coeffs must be [batch, n_layers], got shape {tuple(coeffs.shape)}")
+
+    def make(layer: int) -> Callable:
+        def fn(act: Tensor, hook=None) -> Tensor:
+            c = coeffs[:, layer].to(act.dtype)
+            if c.shape[0] == 1:
+                c = c.expand(act.shape[0])
+            elif c.shape[0] != act.shape[0]:
+                raise WorkbenchError(f"steering coeffs for {c.shape[0]} rows applied to a batch of {act.shape[0]}")
+            d = direction.to(device=act.device, dtype=act.dtype)
+            if all_positions:
+                return act + c[:, None, None] * d
+            out = act.clone()
+            out[:, -1] = out[:, -1] + c[:, None] * d
+            return out
+
+        return fn
+
+    return [(hook_name(hook, l), make(l)) for l in range(coeffs.shape[1]) if bool((coeffs[:, l] != 0).any())]
+
+
+def actadd_all_layers_hooks(
+    direction: Tensor, alpha: float, n_layers: int, layers: Sequence[int] | None = None, batch: int = 1,
+    hook: str = "resid_pre",
+) -> list[tuple[str, Callable]]:
+    """Fixed activation addition ``α · d`` at ``layers`` (default: every layer), last position + generated tokens."""
+    coeffs = torch.zeros(batch, n_layers)
+    for l in (range(n_layers) if layers is None else layers):
+        if not 0 <= l < n_layers:
+            raise WorkbenchError(f"layer {l} out of range for a model of {n_layers} layers")
+        coeffs[:, l] = alpha
+    return steering_hooks(coeffs, direction, hook)
