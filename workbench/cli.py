@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 #: top-level subparsers ``sub`` and to the ``workbench bench ...`` subparsers ``bench_sub``. Use
 #: :func:`add_common_args` for --model/--device/--dtype/--quiet/--json. One line per analysis module.
 COMMAND_MODULES: list[str] = [
+    "workbench.commands_directions",
 ]
 
 

@@ -1,0 +1,178 @@
+"""The :class:`Direction` artifact: vector(s) + where and how they were found, as safetensors + JSON.
+
+``save("runs/x/direction")`` writes ``direction.safetensors`` (the tensors) and ``direction.json`` (format
+version, layer, position, method, model fingerprint, d_model, scores, metadata). Loading checks the format
+version; using a direction on a model checks d_model and the fingerprint and fails with a clear
+:class:`~workbench.errors.WorkbenchError` on a mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..errors import WorkbenchError
+
+FORMAT_VERSION = 1
+KIND = "workbench.direction"
+
+
+def _paths(path: str | Path) -> tuple[Path, Path]:
+    p = Path(path)
+    if p.suffix in (".json", ".safetensors"):
+        p = p.with_suffix("")
+    return p.with_suffix(".safetensors"), p.with_suffix(".json")
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Tensor):
+        return _jsonable(x.tolist())
+    if hasattr(x, "item") and callable(x.item):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+@dataclass
+class Direction:
+    """A direction in a model's residual stream.
+
+    Attributes:
+        vector: ``Float[Tensor, "d_model"]`` (or ``Float[Tensor, "k d_model"]`` for a set, e.g. per layer).
+            For the difference in means this is the raw harmful-minus-harmless mean (its norm is the ActAdd
+            coefficient of Arditi et al.); use :attr:`unit` for ablation.
+        layer: the ``resid_pre`` layer it was read at (``None`` for layer-free baselines).
+        position: negative post-instruction position (``-1`` = last prompt token), ``None`` if pooled.
+        method: ``"diff_in_means"``, ``"pca"``, ``"probe"``, ``"embedding_centroid"``...
+        fingerprint: :func:`workbench.models.fingerprint` of the model it was found on.
+        d_model: residual width of that model.
+        scores: selection scores (``bypass_score``, ``induce_score``, ``kl``...).
+        meta: anything else (prompt counts, thresholds, model name).
+    """
+
+    vector: Tensor
+    layer: int | None
+    position: int | None
+    method: str
+    fingerprint: str
+    d_model: int
+    scores: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.vector, Tensor):
+            raise WorkbenchError(f"Direction.vector must be a tensor, got {type(self.vector).__name__}")
+        if self.vector.ndim not in (1, 2) or self.vector.shape[-1] != self.d_model:
+            raise WorkbenchError(
+                f"Direction.vector has shape {tuple(self.vector.shape)}; expected (d_model,) or (k, d_model) "
+                f"with d_model={self.d_model}"
+            )
+
+    @property
+    def unit(self) -> Tensor:
+        """``Float[Tensor, "d_model"]`` (or ``"k d_model"``) normalised, float32."""
+        v = self.vector.float()
+        return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    @property
+    def norm(self) -> float:
+        return float(self.vector.float().norm(dim=-1).flatten()[0])
+
+    @classmethod
+    def from_vector(cls, model, vector: Tensor, layer: int | None, position: int | None, method: str,
+                    scores: dict | None = None, meta: dict | None = None) -> "Direction":
+        """Build a direction for ``model`` (fingerprint and d_model taken from it)."""
+        from ..models import fingerprint
+
+        d = int(model.cfg.d_model)
+        if vector.shape[-1] != d:
+            raise WorkbenchError(f"vector has d_model={vector.shape[-1]} but the model has d_model={d}")
+        return cls(vector.detach().float().cpu(), layer, position, method, fingerprint(model), d,
+                   dict(scores or {}), dict(meta or {}))
+
+    # ------------------------------------------------------------------------------------ checks
+    def check_model(self, model, check_fingerprint: bool = True) -> None:
+        """Raise :class:`WorkbenchError` unless this direction belongs to ``model``."""
+        from ..models import fingerprint
+
+        d = int(model.cfg.d_model)
+        if d != self.d_model:
+            raise WorkbenchError(
+                f"direction ({self.method}, layer {self.layer}) was found on a model with d_model={self.d_model}, "
+                f"but this model has d_model={d}"
+            )
+        if self.layer is not None and not 0 <= self.layer < int(model.cfg.n_layers):
+            raise WorkbenchError(
+                f"direction layer {self.layer} is out of range; the model has layers 0..{int(model.cfg.n_layers) - 1}"
+            )
+        if check_fingerprint:
+            fp = fingerprint(model)
+            if fp != self.fingerprint:
+                raise WorkbenchError(
+                    f"direction was found on model fingerprint {self.fingerprint!r}, but this model's fingerprint is "
+                    f"{fp!r}; pass check_fingerprint=False (or strict=False) to use it on another model anyway"
+                )
+
+    # -------------------------------------------------------------------------------------- io
+    def to_json(self) -> dict:
+        return {
+            "kind": KIND,
+            "format_version": FORMAT_VERSION,
+            "layer": self.layer,
+            "position": self.position,
+            "method": self.method,
+            "fingerprint": self.fingerprint,
+            "d_model": self.d_model,
+            "shape": list(self.vector.shape),
+            "scores": _jsonable(self.scores),
+            "meta": _jsonable(self.meta),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``<path>.safetensors`` and ``<path>.json``; returns the JSON path."""
+        from safetensors.torch import save_file
+
+        st, js = _paths(path)
+        st.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"vector": self.vector.detach().float().contiguous().cpu()}, str(st),
+                  metadata={"format_version": str(FORMAT_VERSION), "kind": KIND})
+        js.write_text(json.dumps(self.to_json(), indent=2))
+        return js
+
+    @classmethod
+    def load(cls, path: str | Path, model=None, strict: bool = True) -> "Direction":
+        """Read a saved direction; with ``model``, check it belongs to it (fingerprint only if ``strict``)."""
+        from safetensors.torch import load_file
+
+        st, js = _paths(path)
+        for p in (st, js):
+            if not p.exists():
+                raise WorkbenchError(f"direction file {str(p)!r} does not exist")
+        try:
+            info = json.loads(js.read_text())
+        except json.JSONDecodeError as exc:
+            raise WorkbenchError(f"{str(js)!r} is not valid JSON: {exc.msg}") from exc
+        if info.get("kind") != KIND:
+            raise WorkbenchError(f"{str(js)!r} is not a direction artifact (kind={info.get('kind')!r})")
+        if info.get("format_version") != FORMAT_VERSION:
+            raise WorkbenchError(
+                f"{str(js)!r} has format version {info.get('format_version')!r}; this workbench reads {FORMAT_VERSION}"
+            )
+        tensors = load_file(str(st))
+        if "vector" not in tensors:
+            raise WorkbenchError(f"{str(st)!r} has no 'vector' tensor")
+        d = cls(tensors["vector"], info["layer"], info["position"], info["method"], info["fingerprint"],
+                int(info["d_model"]), info.get("scores", {}), info.get("meta", {}))
+        if model is not None:
+            d.check_model(model, check_fingerprint=strict)
+        return d

@@ -1,0 +1,288 @@
+"""Selection of the refusal direction among the candidates (Arditi et al. 2024, andyrdt/refusal_direction).
+
+For each candidate ``r = r[l, p]``, on validation prompts:
+
+* ``bypass_score`` -- mean refusal score (log-odds of a refusal first token, :func:`workbench.judge.refusal_score`)
+  of harmful prompts with ``r`` ablated everywhere (lower is better);
+* ``induce_score`` -- mean refusal score of harmless prompts with ``r`` added at ``blocks.{l}.hook_resid_pre``
+  (all positions);
+* ``kl`` -- mean KL(base || ablated) of the next-token distribution at the last position of harmless prompts.
+
+A candidate passes when ``induce_score > induce_threshold``, ``kl <= kl_threshold`` and
+``layer < (1 - prune_layer_fraction) * n_layers``; the passing candidate with the lowest ``bypass_score`` is
+selected.
+
+All candidates are scored in batched forward passes: the rows of a batch are (candidate, prompt) pairs, and
+one hook per hook point applies each row's own direction (per-row ablation / per-row addition).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from ..chat import ChatBatch, tokenize_chat
+from ..errors import WorkbenchError
+from ..judge import refusal_score, refusal_token_ids
+from ..progress import progress
+from .artifact import Direction
+from .candidates import Candidates, _check_prompts, candidate_directions
+from .interventions import ablation_hooks, per_row_actadd_hooks, unit
+
+
+@dataclass
+class SelectionConfig:
+    """Thresholds and batch size of the selection (defaults as in Arditi et al.).
+
+    Attributes:
+        kl_threshold: keep candidates with ``kl <= kl_threshold``.
+        induce_threshold: keep candidates with ``induce_score > induce_threshold``.
+        prune_layer_fraction: discard candidates in the last ``prune_layer_fraction`` of the layers.
+        batch_size: rows (candidate x prompt pairs) per forward pass.
+    """
+
+    kl_threshold: float = 0.1
+    induce_threshold: float = 0.0
+    prune_layer_fraction: float = 0.2
+    batch_size: int = 64
+
+    def __post_init__(self):
+        if not 0.0 <= self.prune_layer_fraction < 1.0:
+            raise WorkbenchError(f"prune_layer_fraction must be in [0, 1), got {self.prune_layer_fraction}")
+        if self.kl_threshold < 0:
+            raise WorkbenchError(f"kl_threshold must be >= 0, got {self.kl_threshold}")
+        if self.batch_size < 1:
+            raise WorkbenchError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+# ----------------------------------------------------------------------------------------- forwards
+def _rows_batch(batch: ChatBatch, prompt_idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows ``prompt_idx`` of a left-padded batch, with the columns that are padding in every row dropped."""
+    ids = batch.input_ids[prompt_idx]
+    mask = batch.attention_mask[prompt_idx]
+    keep = int(mask.sum(-1).max())
+    return ids[:, -keep:], mask[:, -keep:]
+
+
+@torch.no_grad()
+def _last_logits(model, ids: Tensor, mask: Tensor, hooks) -> Tensor:
+    """``Float[Tensor, "rows d_vocab"]`` next-token logits at the last position under ``hooks``."""
+    with model.hooks(fwd_hooks=list(hooks)):
+        try:  # HF causal LMs compute the unembedding for the last position only
+            logits = model(ids, attention_mask=mask, logits_to_keep=1)
+        except TypeError:
+            logits = model(ids, attention_mask=mask)
+    return logits[:, -1].float()
+
+
+@torch.no_grad()
+def sweep(
+    model,
+    batch: ChatBatch,
+    n_candidates: int,
+    hooks_for_rows: Callable[[Tensor], list],
+    reduce: Callable[[Tensor, Tensor], Tensor],
+    batch_size: int = 64,
+    show_progress: bool = True,
+    desc: str = "sweep",
+) -> Tensor:
+    """Run every (candidate, prompt) pair in batches of ``batch_size`` rows and reduce each row to a number.
+
+    Args:
+        batch: the tokenised prompts (``n_prompts`` rows).
+        hooks_for_rows: ``cand_idx -> hooks`` for one batch (``cand_idx``: ``Int[Tensor, "rows"]``).
+        reduce: ``(last_logits Float[Tensor, "rows d_vocab"], prompt_idx Int[Tensor, "rows"]) -> Float[Tensor, "rows"]``.
+
+    Returns:
+        ``Float[Tensor, "cand prompt"]``.
+    """
+    n_prompts = batch.input_ids.shape[0]
+    total = n_candidates * n_prompts
+    device = next(model.parameters()).device
+    cand = torch.arange(n_candidates).repeat_interleave(n_prompts)
+    prom = torch.arange(n_prompts).repeat(n_candidates)
+    out = torch.empty(total, dtype=torch.float32)
+    starts = range(0, total, batch_size)
+    for s in progress(starts, desc, show_progress, total=len(starts)):
+        ci, pi = cand[s:s + batch_size], prom[s:s + batch_size]
+        ids, mask = _rows_batch(batch, pi)
+        logits = _last_logits(model, ids.to(device), mask.to(device), hooks_for_rows(ci))
+        out[s:s + len(ci)] = reduce(logits, pi.to(logits.device)).float().cpu()
+    return out.view(n_candidates, n_prompts)
+
+
+def _kl(base_logp: Tensor, logits: Tensor) -> Tensor:
+    """``KL(base || new)`` per row; ``base_logp``: ``Float[Tensor, "rows d_vocab"]`` log-probs."""
+    logq = torch.log_softmax(logits.float(), -1)
+    return (base_logp.exp() * (base_logp - logq)).sum(-1)
+
+
+@torch.no_grad()
+def base_logits(model, batch: ChatBatch, batch_size: int = 64) -> Tensor:
+    """``Float[Tensor, "prompt d_vocab"]`` last-position logits without any intervention."""
+    device = next(model.parameters()).device
+    out = []
+    for s in range(0, batch.input_ids.shape[0], batch_size):
+        ids, mask = _rows_batch(batch, torch.arange(s, min(s + batch_size, batch.input_ids.shape[0])))
+        out.append(_last_logits(model, ids.to(device), mask.to(device), []).cpu())
+    return torch.cat(out)
+
+
+def score_candidates(
+    model,
+    candidates: Candidates,
+    harmful_val: Sequence[str],
+    harmless_val: Sequence[str],
+    config: SelectionConfig | None = None,
+    show_progress: bool = True,
+    system: str | None = None,
+) -> pd.DataFrame:
+    """Bypass, induce and KL scores of every candidate, in batched forward passes.
+
+    Returns:
+        One row per candidate: ``layer``, ``position``, ``norm``, ``bypass_score``, ``induce_score``, ``kl``,
+        ``base_harmful_score``, ``base_harmless_score``, and the filter columns ``pass_induce``, ``pass_kl``,
+        ``pass_layer``, ``passes``. Zero candidates (identical means, e.g. layer 0 at template positions) get
+        NaN scores and never pass.
+    """
+    cfg = config or SelectionConfig()
+    _check_prompts(harmful_val, "the harmful validation set")
+    _check_prompts(harmless_val, "the harmless validation set")
+    d = int(model.cfg.d_model)
+    if candidates.d_model != d:
+        raise WorkbenchError(f"candidates have d_model={candidates.d_model} but the model has d_model={d}")
+    n_layers = int(model.cfg.n_layers)
+    bad = [l for l in candidates.layers if not 0 <= l < n_layers]
+    if bad:
+        raise WorkbenchError(f"candidate layers {bad} are out of range; the model has layers 0..{n_layers - 1}")
+    vecs, keys = candidates.flat()
+    if not torch.isfinite(vecs).all():
+        raise WorkbenchError("some candidate directions contain NaN or inf")
+    norms = vecs.norm(dim=-1)
+    # zero candidates (e.g. layer 0 at template positions: same tokens, same embeddings) cannot be scored
+    live = torch.nonzero(norms > 0).flatten()
+    if len(live) == 0:
+        raise WorkbenchError("every candidate is a zero vector (identical harmful and harmless means)")
+    vecs32 = vecs[live].float()
+    units = unit(vecs32)
+    cand_layers = torch.tensor([keys[i][0] for i in live.tolist()])
+    ref_ids = refusal_token_ids(model.tokenizer)
+    hb = tokenize_chat(model.tokenizer, list(harmful_val), system)
+    bb = tokenize_chat(model.tokenizer, list(harmless_val), system)
+    base_h = base_logits(model, hb, cfg.batch_size)
+    base_b = base_logits(model, bb, cfg.batch_size)
+    base_b_logp = torch.log_softmax(base_b, -1)
+
+    def score_reduce(logits, pi):
+        return refusal_score(logits, ref_ids)
+
+    def kl_reduce(logits, pi):
+        return _kl(base_b_logp.to(logits.device)[pi], logits)
+
+    n = len(live)
+    kw = {"batch_size": cfg.batch_size, "show_progress": show_progress}
+    bypass = sweep(model, hb, n, lambda ci: ablation_hooks(model, units[ci]), score_reduce, desc="bypass", **kw)
+    kl = sweep(model, bb, n, lambda ci: ablation_hooks(model, units[ci]), kl_reduce, desc="kl", **kw)
+    induce = sweep(model, bb, n, lambda ci: per_row_actadd_hooks(model, vecs32[ci], cand_layers[ci]),
+                   score_reduce, desc="induce", **kw)
+
+    def full(x: Tensor) -> list[float]:
+        out = torch.full((len(keys),), float("nan"), dtype=torch.float64)
+        out[live] = x.mean(1).double()
+        return out.tolist()
+
+    df = pd.DataFrame({
+        "layer": [k[0] for k in keys],
+        "position": [k[1] for k in keys],
+        "norm": norms.tolist(),
+        "bypass_score": full(bypass),
+        "induce_score": full(induce),
+        "kl": full(kl),
+    })
+    df["base_harmful_score"] = float(refusal_score(base_h, ref_ids).mean())
+    df["base_harmless_score"] = float(refusal_score(base_b, ref_ids).mean())
+    return apply_filters(df, n_layers, cfg)
+
+
+def apply_filters(scores: pd.DataFrame, n_layers: int, config: SelectionConfig | None = None) -> pd.DataFrame:
+    """Add ``pass_induce``, ``pass_kl``, ``pass_layer`` and ``passes`` columns to a score table (a copy)."""
+    cfg = config or SelectionConfig()
+    need = {"layer", "position", "bypass_score", "induce_score", "kl"}
+    missing = need - set(scores.columns)
+    if missing:
+        raise WorkbenchError(f"score table lacks columns {sorted(missing)}; expected at least {sorted(need)}")
+    df = scores.copy()
+    df["pass_induce"] = df["induce_score"] > cfg.induce_threshold
+    df["pass_kl"] = df["kl"] <= cfg.kl_threshold
+    df["pass_layer"] = df["layer"] < (1.0 - cfg.prune_layer_fraction) * n_layers
+    finite = df[["bypass_score", "induce_score", "kl"]].notna().all(axis=1)
+    df["passes"] = df["pass_induce"] & df["pass_kl"] & df["pass_layer"] & finite
+    return df
+
+
+def select_candidate(scores: pd.DataFrame, n_layers: int, config: SelectionConfig | None = None) -> pd.Series:
+    """The passing candidate with the lowest ``bypass_score`` (ties: earliest layer, then position).
+
+    Raises:
+        WorkbenchError: when no candidate passes, naming how many fail each filter.
+    """
+    cfg = config or SelectionConfig()
+    if len(scores) == 0:
+        raise WorkbenchError("the score table is empty; there are no candidates to select from")
+    df = apply_filters(scores, n_layers, cfg)
+    ok = df[df["passes"]]
+    if ok.empty:
+        raise WorkbenchError(
+            f"no candidate passes the filters ({len(df)} candidates: {int((~df.pass_induce).sum())} with "
+            f"induce_score <= {cfg.induce_threshold}, {int((~df.pass_kl).sum())} with kl > {cfg.kl_threshold}, "
+            f"{int((~df.pass_layer).sum())} in the last {cfg.prune_layer_fraction:.0%} of layers); relax the thresholds"
+        )
+    return ok.sort_values(["bypass_score", "layer", "position"], kind="stable").iloc[0]
+
+
+@dataclass
+class Selection:
+    """The result of :func:`find_refusal_direction`: the chosen :class:`Direction`, all scores, candidates."""
+
+    direction: Direction
+    scores: pd.DataFrame
+    candidates: Candidates
+
+
+def find_refusal_direction(
+    model,
+    harmful_train: Sequence[str],
+    harmless_train: Sequence[str],
+    harmful_val: Sequence[str],
+    harmless_val: Sequence[str],
+    config: SelectionConfig | None = None,
+    store=None,
+    show_progress: bool = True,
+) -> Selection:
+    """Candidates (difference in means on the train sets) -> scores (val sets) -> the selected :class:`Direction`.
+
+    Returns:
+        A :class:`Selection`; ``direction.vector`` is the raw difference in means at the selected
+        ``(layer, position)``, ``direction.scores`` its row of the score table.
+    """
+    cfg = config or SelectionConfig()
+    for prompts, what in ((harmful_train, "harmful train"), (harmless_train, "harmless train"),
+                          (harmful_val, "harmful validation"), (harmless_val, "harmless validation")):
+        _check_prompts(prompts, f"the {what} set")
+    cands = candidate_directions(model, harmful_train, harmless_train, store=store, batch_size=cfg.batch_size,
+                                 show_progress=show_progress)
+    scores = score_candidates(model, cands, harmful_val, harmless_val, cfg, show_progress=show_progress)
+    best = select_candidate(scores, int(model.cfg.n_layers), cfg)
+    layer, pos = int(best["layer"]), int(best["position"])
+    row = {k: (v.item() if hasattr(v, "item") else v) for k, v in best.to_dict().items()}
+    direction = Direction.from_vector(
+        model, cands.vector(layer, pos), layer, pos, "diff_in_means", scores=row,
+        meta={"selection": asdict(cfg), "n_harmful_train": cands.n_harmful, "n_harmless_train": cands.n_harmless,
+              "n_harmful_val": len(harmful_val), "n_harmless_val": len(harmless_val),
+              "model": getattr(model, "_wb_source", {}).get("name")},
+    )
+    return Selection(direction, scores, cands)
