@@ -37,8 +37,11 @@ def generate_batch(
     batch: ChatBatch,
     max_new_tokens: int = 24,
     fwd_hooks: Sequence[Hook] = (),
+    **generate_kwargs,
 ) -> tuple[list[str], torch.Tensor]:
     """Greedy replies for one tokenised batch; hooks are active for prefill and every decoding step.
+
+    ``generate_kwargs`` go to Hugging Face ``generate`` (e.g. ``min_new_tokens`` for fixed-length timing).
 
     Returns:
         the replies (cut at the first eos, special tokens removed) and the next-token logits at the last
@@ -58,6 +61,7 @@ def generate_batch(
             pad_token_id=tok.pad_token_id,
             return_dict_in_generate=True,
             output_logits=True,
+            **generate_kwargs,
         )
     new = out.sequences[:, batch.input_ids.shape[1]:]
     replies = []

@@ -1,0 +1,93 @@
+"""``workbench bench steer``: steered vs unsteered generation, batched vs per-prompt, in one process.
+
+Every run generates exactly ``max_new_tokens`` tokens (``min_new_tokens`` pins the length), so the timings
+compare the same work. The steered run includes the controller's clean prefill.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+
+import torch
+
+from ..chat import tokenize_chat
+from ..generation import generate_batch
+from .controller import Controller, ControllerConfig
+from .steer import controller_plan
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_steer_model(model, prompts: list[str], max_new_tokens: int = 24, repeats: int = 3,
+                      per_prompt_repeats: int = 1) -> dict:
+    """Timings on one model: batched unsteered, batched steered, per-prompt steered (same prompts)."""
+    n, d = int(model.cfg.n_layers), int(model.cfg.d_model)
+    torch.manual_seed(0)
+    ctrl = Controller(ControllerConfig(d_model=d, n_layers=n, input_layers=list(range(max(0, n - 4), n)), alpha=1.0))
+    direction = torch.randn(d)
+    plan = controller_plan(ctrl, direction / direction.norm())
+    fixed = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
+    batch = tokenize_chat(model.tokenizer, prompts)
+
+    def unsteered():
+        generate_batch(model, batch, fwd_hooks=(), **fixed)
+
+    def steered():
+        hooks, _ = plan.hooks_for(model, batch)
+        generate_batch(model, batch, fwd_hooks=hooks, **fixed)
+
+    singles = [tokenize_chat(model.tokenizer, [p]) for p in prompts]
+
+    def per_prompt():
+        for b in singles:
+            hooks, _ = plan.hooks_for(model, b)
+            generate_batch(model, b, fwd_hooks=hooks, **fixed)
+
+    t_un = _time(unsteered, repeats)
+    t_st = _time(steered, repeats)
+    t_pp = _time(per_prompt, per_prompt_repeats)
+    return {
+        "batch": len(prompts), "max_new_tokens": max_new_tokens,
+        "seconds": {"unsteered_batched": round(t_un, 4), "steered_batched": round(t_st, 4),
+                    "steered_per_prompt": round(t_pp, 4)},
+        "ratio_steered_vs_unsteered": round(t_st / t_un, 3),
+        "speedup_batched_vs_per_prompt": round(t_pp / t_st, 2),
+    }
+
+
+def bench_steer(batch: int = 32, max_new_tokens: int = 24, repeats: int = 3, random_model: bool = True) -> dict:
+    """The benchmark JSON: the organism (when present) and a random d_model 512 / 8-layer Llama."""
+    from ..data import organism_prompts
+    from ..models import load_model
+    from ..testing import make_tiny_chat_model
+
+    out = {}
+    try:
+        organism = load_model("organism", device="cpu")
+        prompts = (organism_prompts("test", "harmful") + organism_prompts("test", "benign"))[:batch]
+        out["organism"] = bench_steer_model(organism, prompts, max_new_tokens, repeats)
+    except Exception as exc:  # noqa: BLE001 - the organism may not be built on this checkout
+        out["organism"] = {"skipped": str(exc)}
+    if random_model:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = make_tiny_chat_model(tmp + "/m", family="llama3", d_model=512, n_layers=8, n_heads=8,
+                                        n_kv_heads=4, d_mlp=1376)
+            model = load_model(str(path), device="cpu")
+            words = "How do I bake bread write a poem about the sea explain hack into bank account".split()
+            prompts = [" ".join(words[i % 7: i % 7 + 4 + i % 5]) + "?" for i in range(batch)]
+            out["random_llama_512x8"] = bench_steer_model(model, prompts, max_new_tokens, repeats)
+    head = out.get("organism", {})
+    if "ratio_steered_vs_unsteered" not in head:
+        head = out.get("random_llama_512x8", {})
+    return {"ratio_steered_vs_unsteered": head.get("ratio_steered_vs_unsteered"),
+            "speedup_batched_vs_per_prompt": head.get("speedup_batched_vs_per_prompt"), "models": out}
