@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pandas as pd
 import pytest
@@ -14,6 +15,18 @@ from workbench import directions as wd
 from workbench.errors import WorkbenchError
 from workbench.judge import refusal_score, refusal_token_ids
 
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _private_cache(tmp_path_factory):
+    """Activations go to a throwaway cache store, never the user's ~/.cache/workbench."""
+    old = os.environ.get("WORKBENCH_CACHE")
+    os.environ["WORKBENCH_CACHE"] = str(tmp_path_factory.mktemp("store"))
+    yield
+    if old is None:
+        os.environ.pop("WORKBENCH_CACHE", None)
+    else:
+        os.environ["WORKBENCH_CACHE"] = old
 
 
 @pytest.fixture(autouse=True, scope="module")
