@@ -350,6 +350,13 @@ def test_pca_and_probe_recover_a_planted_direction(tiny_model):
     assert float(pca.vector[1] @ u) > 0.9
     assert float(probe.vector[1] @ u) > 0.6 and probe.scores["train_accuracy"][1] == 1.0
     assert pca.scores["explained"][1] > pca.scores["explained"][0]
+    one = probe.at(1)
+    assert one.layer == 1 and torch.equal(one.vector, probe.vector[1]) and one.scores["train_accuracy"] == 1.0
+    assert len(wd.ablation_hooks(tiny_model, pca.at(1))) == 3 * tiny_model.cfg.n_layers
+    with pytest.raises(WorkbenchError, match="holds 2 vectors"):
+        wd.ablation_hooks(tiny_model, pca)
+    with pytest.raises(WorkbenchError, match="layer 3 is out of range"):
+        pca.at(3)
     with pytest.raises(WorkbenchError, match="position -7 is out of range"):
         wd.pca_directions(tiny_model, h, b, position=-7, show_progress=False)
     with pytest.raises(WorkbenchError, match=r"layers \[5\] are out of range"):

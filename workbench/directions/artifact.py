@@ -100,6 +100,20 @@ class Direction:
         return cls(vector.detach().float().cpu(), layer, position, method, fingerprint(model), d,
                    dict(scores or {}), dict(meta or {}))
 
+    def at(self, layer: int) -> "Direction":
+        """The single-vector direction of ``layer`` from a per-layer set (``vector`` of shape ``[k, d_model]``)."""
+        if self.vector.ndim == 1:
+            if self.layer is not None and layer != self.layer:
+                raise WorkbenchError(f"this direction is for layer {self.layer}, not layer {layer}")
+            return self
+        layers = list(self.meta.get("layers", range(self.vector.shape[0])))
+        if layer not in layers:
+            raise WorkbenchError(f"layer {layer} is out of range; this {self.method} set has layers {layers}")
+        i = layers.index(layer)
+        scores = {k: (v[i] if isinstance(v, list) and len(v) == len(layers) else v) for k, v in self.scores.items()}
+        return Direction(self.vector[i].clone(), layer, self.position, self.method, self.fingerprint, self.d_model,
+                         scores, {k: v for k, v in self.meta.items() if k != "layers"})
+
     # ------------------------------------------------------------------------------------ checks
     def check_model(self, model, check_fingerprint: bool = True) -> None:
         """Raise :class:`WorkbenchError` unless this direction belongs to ``model``."""

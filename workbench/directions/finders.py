@@ -9,7 +9,7 @@
   input-embedding rows of the tokens of the refusal phrases (:data:`workbench.judge.REFUSAL_PHRASES`).
 
 Each returns a :class:`~workbench.directions.Direction` (one vector per layer for the activation finders,
-``vector`` of shape ``Float[Tensor, "n_layers d_model"]``; use ``direction.vector[l]`` for layer ``l``).
+``vector`` of shape ``Float[Tensor, "n_layers d_model"]``; ``direction.at(l)`` is the direction of layer ``l``).
 """
 
 from __future__ import annotations

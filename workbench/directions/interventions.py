@@ -29,7 +29,7 @@ ABLATION_HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")
 
 
 def as_vector(direction, model=None) -> Tensor:
-    """A :class:`~workbench.directions.Direction` or tensor -> ``Float[Tensor, "d_model"]`` (first vector).
+    """A :class:`~workbench.directions.Direction` or tensor -> ``Float[Tensor, "d_model"]``.
 
     When ``model`` is given, a :class:`Direction` is checked against it (d_model and fingerprint) and a
     tensor's width is checked against ``model.cfg.d_model``.
@@ -44,8 +44,13 @@ def as_vector(direction, model=None) -> Tensor:
         v = direction
     else:
         raise WorkbenchError(f"expected a Direction or a tensor, got {type(direction).__name__}")
-    if v.ndim == 2 and v.shape[0] >= 1:
+    if v.ndim == 2 and v.shape[0] == 1:
         v = v[0]
+    elif v.ndim == 2:
+        raise WorkbenchError(
+            f"the direction holds {v.shape[0]} vectors (shape {tuple(v.shape)}); pick one, e.g. "
+            "direction.at(layer) for a per-layer set or vector[i] for a tensor"
+        )
     if v.ndim != 1:
         raise WorkbenchError(f"a direction must be a vector of shape (d_model,), got shape {tuple(v.shape)}")
     if model is not None and v.shape[0] != int(model.cfg.d_model):
