@@ -1,0 +1,271 @@
+"""The end-to-end sparsity run behind ``workbench sparsity``, on the organism's prompt splits.
+
+What runs on which prompts (``organism_prompts(split, category)``, at most ``limit`` per category):
+
+* per-category sparsity (global thresholds, activation ratio, CHESS per-channel thresholds):
+  ``stats_split`` (test) harmful / harmless (= ``benign``) / jailbreak, every real position;
+  the CHESS thresholds are calibrated on ``calibration_split`` (train) benign prompts;
+* PPL-p%: ``heldout_split`` (val) prompts of every category + their target replies (loss on ``heldout_scope``);
+* top-k: the same held-out loss, refusal rates of the ``stats_split`` harmful and harmless prompts;
+* differential neurons: ranked on ``calibration_split`` harmful vs benign (``positions``, ``pool``), ablated
+  while measuring ``stats_split`` harmful refusal and the loss on the ``heldout_split`` benign conversations;
+* direction: a given direction, else the organism's planted ground truth and the difference in means of
+  ``resid_pre`` (last position, ``calibration_split`` harmful - benign) at the layer after the planted one
+  (the middle layer without a ground truth).
+
+:class:`SparsityConfig` describes a run completely; it is saved next to the tables.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ..errors import WorkbenchError
+from .direction import direction_alignment, direction_sparsity, direction_vector, neuron_cosines
+from .heldout import heldout_text
+from .neurons import DEFAULT_NS, ablation_curve, differential_neurons_for
+from .ppl import ppl_sparsity
+from .stats import DEFAULT_THRESHOLD, DEFAULT_THRESHOLDS, channel_thresholds, mlp_entry, sparsity_by_category
+from .topk import DEFAULT_K_FRACTIONS, topk_sweep
+
+STEPS = ("stats", "ppl", "topk", "neurons", "direction")
+
+
+@dataclass
+class SparsityConfig:
+    """Everything that defines a sparsity run (see the module docstring for what runs on which split)."""
+
+    stats_split: str = "test"
+    calibration_split: str = "train"
+    heldout_split: str = "val"
+    limit: int | None = 128
+    heldout_limit: int | None = None
+    harmless_category: str = "benign"
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+    default_threshold: float = DEFAULT_THRESHOLD
+    chess_quantile: float = 0.5
+    p: tuple[float, ...] = (1.0, 5.0)
+    criterion: str = "ppl"
+    weighting: str = "none"
+    heldout_scope: str = "reply"
+    ppl_tol: float = 0.01
+    topk: tuple[float, ...] = DEFAULT_K_FRACTIONS
+    topk_layers: tuple[int, ...] | None = None
+    positions: str = "post_instruction"
+    pool: str = "mean"
+    ablation_ns: tuple[int, ...] = DEFAULT_NS
+    ablation_mode: str = "zero"
+    n_seeds: int = 3
+    control: str = "layer_matched"
+    max_new_tokens: int = 16
+    batch_size: int = 32
+    steps: tuple[str, ...] = STEPS
+
+    def __post_init__(self):
+        bad = [s for s in self.steps if s not in STEPS]
+        if bad:
+            raise WorkbenchError(f"unknown steps {bad}; expected a subset of {STEPS}")
+        if self.default_threshold not in self.thresholds:
+            self.thresholds = tuple(sorted(set(self.thresholds) | {self.default_threshold}))
+
+
+def _r(x, nd: int = 4):
+    return None if x is None else round(float(x), nd)
+
+
+def _ground_truth(model) -> tuple[torch.Tensor, int | None] | None:
+    src = getattr(model, "_wb_source", None) or {}
+    if not src.get("local"):
+        return None
+    d = Path(src["path"])
+    st = d / "ground_truth.safetensors"
+    if not st.exists():
+        return None
+    from safetensors.torch import load_file
+
+    vec = load_file(str(st)).get("direction")
+    if vec is None:
+        return None
+    layer = None
+    meta = d / "organism.json"
+    if meta.exists():
+        info = json.loads(meta.read_text())
+        for s in (info, info.get("ground_truth", {}), info.get("config", {})):
+            if isinstance(s, dict) and isinstance(s.get("layer"), int):
+                layer = s["layer"]
+                break
+    return vec.float(), layer
+
+
+def diff_in_means_last(model, harmful, harmless, layer: int, store=None, batch_size: int = 32,
+                       show_progress: bool = False) -> torch.Tensor:
+    """``Float[Tensor, "d_model"]``: mean ``resid_pre`` of ``layer`` at the last position, harmful - harmless
+    (streamed from store entries, float64)."""
+    from ..store import get_or_compute
+
+    means = []
+    for prompts in (harmful, harmless):
+        e = get_or_compute(model, list(prompts), hooks=f"resid_pre.{layer}", positions="last", store=store,
+                           batch_size=batch_size, show_progress=show_progress)
+        s, n = None, 0
+        for _, x in e.iter_shards(f"blocks.{layer}.hook_resid_pre"):
+            v = x[:, -1].double().sum(0)
+            s, n = (v if s is None else s + v), n + x.shape[0]
+        means.append(s / n)
+    return (means[0] - means[1]).float()
+
+
+def sparsity_report(model, config: SparsityConfig | None = None, direction=None, store=None,
+                    show_progress: bool = True) -> tuple[dict, dict[str, pd.DataFrame]]:
+    """Run every sparsity analysis on the organism splits.
+
+    Args:
+        direction: optional refusal direction (tensor or Direction artifact) for the direction step.
+
+    Returns:
+        ``(summary, tables)``: a JSON-able summary (per-layer sparsity at the default threshold, PPL-p%
+        sparsity, differential-neuron halving count vs random, ...) and every DataFrame by name.
+    """
+    from ..data import organism_prompts, organism_rows
+
+    cfg = config or SparsityConfig()
+    t0 = time.time()
+    bs, sp = cfg.batch_size, show_progress
+    n_layers = int(model.cfg.n_layers)
+    cats = {"harmful": "harmful", "harmless": cfg.harmless_category, "jailbreak": "jailbreak"}
+    test = {k: organism_prompts(cfg.stats_split, c, cfg.limit) for k, c in cats.items()}
+    cal_h = organism_prompts(cfg.calibration_split, "harmful", cfg.limit)
+    cal_b = organism_prompts(cfg.calibration_split, cfg.harmless_category, cfg.limit)
+    held_rows = [r for r in organism_rows(cfg.heldout_split) if isinstance(r.get("reply"), str)]
+    if cfg.heldout_limit:
+        held_rows = held_rows[: cfg.heldout_limit]
+    text = heldout_text(model.tokenizer, held_rows, scope=cfg.heldout_scope)
+    summary: dict = {"model": (getattr(model, "_wb_source", None) or {}).get("name"), "d_mlp": int(model.cfg.d_mlp),
+                     "n_layers": n_layers, "hook": "blocks.{l}.mlp.hook_post",
+                     "n_prompts": {k: len(v) for k, v in test.items()}}
+    tables: dict[str, pd.DataFrame] = {}
+    timings = {}
+
+    if "stats" in cfg.steps:
+        t = time.time()
+        cal = mlp_entry(model, cal_b, store=store, batch_size=bs, show_progress=sp)
+        chess = channel_thresholds(cal, cfg.chess_quantile, show_progress=sp)
+        tabs = sparsity_by_category(model, test, cfg.thresholds, cfg.default_threshold, chess, store=store,
+                                    batch_size=bs, show_progress=sp)
+        tables.update(sparsity=tabs.sparsity, activation_ratio=tabs.ratio, channel_sparsity=tabs.channel,
+                      channel_thresholds=chess.to_frame())
+        at = tabs.sparsity[tabs.sparsity["threshold"] == cfg.default_threshold]
+        summary["default_threshold"] = cfg.default_threshold
+        summary["sparsity_at_default_threshold"] = {
+            c: {int(r.layer): _r(r.sparsity) for r in g.itertuples()} for c, g in at.groupby("category", sort=False)}
+        summary["activation_ratio_mean"] = {
+            c: {int(r.layer): _r(r.mean) for r in g.itertuples()} for c, g in tabs.ratio.groupby("category", sort=False)}
+        summary["chess"] = {"quantile": cfg.chess_quantile, "calibration": f"{cfg.calibration_split}/{cfg.harmless_category}",
+                            "sparsity": {c: {int(r.layer): _r(r.sparsity) for r in g.itertuples()}
+                                         for c, g in tabs.channel.groupby("category", sort=False)}}
+        timings["stats"] = round(time.time() - t, 1)
+
+    if "ppl" in cfg.steps:
+        t = time.time()
+        ppl = ppl_sparsity(model, text, cfg.p, criterion=cfg.criterion, weighting=cfg.weighting, tol=cfg.ppl_tol,
+                           batch_size=bs, show_progress=sp)
+        tables.update(ppl_result=ppl.result, ppl_curve=ppl.curve)
+        summary["ppl"] = {
+            "criterion": cfg.criterion, "weighting": cfg.weighting, "heldout": f"{cfg.heldout_split} ({len(held_rows)} "
+            f"conversations, loss on {cfg.heldout_scope} tokens: {ppl.n_targets})", "base_loss": _r(ppl.base_loss, 5),
+            **{f"p{pv:g}": {r.scope: {"threshold": _r(r.threshold, 6), "sparsity": _r(r.sparsity),
+                                      "ppl_increase_pct": _r(r.ppl_increase_pct, 3),
+                                      "loss_increase_pct": _r(r.loss_increase_pct, 3)}
+                            for r in ppl.result[ppl.result["p"] == pv].itertuples()} for pv in cfg.p},
+        }
+        timings["ppl"] = round(time.time() - t, 1)
+
+    if "topk" in cfg.steps:
+        t = time.time()
+        tk = topk_sweep(model, text, {"harmful": test["harmful"], "harmless": test["harmless"]}, cfg.topk,
+                        cfg.topk_layers, cfg.max_new_tokens, bs, sp)
+        tables["topk"] = tk
+        summary["topk"] = {int(k): {r.metric: _r(r.value) for r in g.itertuples()
+                                    if r.metric in ("loss", "ppl_increase_pct", "refusal_rate:harmful",
+                                                    "refusal_rate:harmless")}
+                           for k, g in tk.groupby("k", sort=False)}
+        timings["topk"] = round(time.time() - t, 1)
+
+    if "neurons" in cfg.steps:
+        t = time.time()
+        rank = differential_neurons_for(model, cal_h, cal_b, positions=cfg.positions, pool=cfg.pool, store=store,
+                                        batch_size=bs, show_progress=sp)
+        harmless_text = heldout_text(model.tokenizer, [r for r in held_rows if r["category"] == cfg.harmless_category]
+                                     or held_rows, scope=cfg.heldout_scope)
+        ns = tuple(n for n in cfg.ablation_ns if n <= len(rank))
+        abl = ablation_curve(model, rank, test["harmful"], harmless_text, ns, cfg.ablation_mode, cfg.n_seeds,
+                             cfg.control, max_new_tokens=cfg.max_new_tokens, batch_size=bs, show_progress=sp)
+        tables.update(differential_neurons=rank, ablation_curve=abl.curve)
+        top = rank.head(10)
+        summary["differential_neurons"] = {
+            "ranked_on": f"{cfg.calibration_split} harmful vs {cfg.harmless_category} ({len(cal_h)}+{len(cal_b)}), "
+                         f"positions={cfg.positions}, pool={cfg.pool}",
+            "top": [{"layer": int(r.layer), "neuron": int(r.neuron), "cohens_d": _r(r.cohens_d, 3)} for r in top.itertuples()],
+            "n_abs_d_above_1": int((rank["abs_d"] > 1).sum()),
+            "halving": {k: (_r(v) if isinstance(v, float) else v) for k, v in abl.halving.items()},
+        }
+        timings["neurons"] = round(time.time() - t, 1)
+
+    if "direction" in cfg.steps:
+        t = time.time()
+        dirs = {}
+        gt = _ground_truth(model)
+        if direction is not None:
+            dirs["given"] = (direction_vector(direction, d_model=int(model.cfg.d_model)).float(),
+                             getattr(direction, "layer", None))
+        else:
+            if gt is not None:
+                dirs["ground_truth"] = gt
+            layer = min(gt[1] + 1, n_layers - 1) if gt is not None and gt[1] is not None else n_layers // 2
+            dirs["diff_in_means"] = (diff_in_means_last(model, cal_h, cal_b, layer, store, bs, sp), layer)
+        out = {}
+        for name, (vec, layer) in dirs.items():
+            ds = direction_sparsity(vec).assign(direction=name)
+            al = direction_alignment(model, vec)
+            tables[f"direction_sparsity_{name}"] = ds
+            tables[f"direction_alignment_{name}"] = al.by_layer.assign(direction=name)
+            tables[f"direction_alignment_top_{name}"] = al.top.assign(direction=name)
+            share = {int(r.k): _r(r.share) for r in ds.itertuples() if r.k in (1, 4, 16, 64)}
+            rshare = {int(r.k): _r(r.random_share) for r in ds.itertuples() if r.k in (1, 4, 16, 64)}
+            out[name] = {"layer": layer, "norm": _r(vec.norm(), 3), "top_k_share": share, "random_top_k_share": rshare,
+                         "participation_ratio": _r(ds["participation_ratio"].iloc[0], 2), "d_model": int(vec.shape[0]),
+                         "alignment": {int(r.layer): {"max_abs_cos": _r(r.max_abs_cos), "top_neuron": int(r.top_neuron),
+                                                      "random_max_abs_cos": _r(r.random_max_abs_cos)}
+                                       for r in al.by_layer.itertuples()}}
+            if "differential_neurons" in tables:
+                rk = tables["differential_neurons"]
+                cos = {l: neuron_cosines(model, vec, l) for l in sorted(set(rk["layer"].head(50)))}
+                top50 = rk.head(50)
+                c = [float(cos[l][i]) for l, i in zip(top50["layer"], top50["neuron"])]
+                out[name]["top50_differential_mean_abs_cos"] = _r(sum(abs(x) for x in c) / len(c))
+        summary["direction"] = out
+        timings["direction"] = round(time.time() - t, 1)
+
+    summary["seconds"] = {**timings, "total": round(time.time() - t0, 1)}
+    summary["config"] = asdict(cfg)
+    return summary, tables
+
+
+def save_tables(tables: dict[str, pd.DataFrame], out_dir: str | Path) -> dict[str, str]:
+    """Write every table as ``<name>.csv`` under ``out_dir``; returns ``{name: path}``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, df in tables.items():
+        if df is None:
+            continue
+        p = out / f"{name}.csv"
+        df.to_csv(p, index=False)
+        paths[name] = str(p)
+    return paths
