@@ -588,5 +588,8 @@ def test_cli_sparsity_json(tiny_dir, tmp_path, monkeypatch, capsys):
     assert set(out["ppl"]["p1"]) == {"overall", "layer 0", "layer 1"}
     assert "n_halving" in out["differential_neurons"]["halving"]
     assert "diff_in_means" in out["direction"]
+    head = out["headline"]
+    assert head["ppl1_sparsity"]["overall"] == out["ppl"]["p1"]["overall"]["sparsity"]
+    assert head["sparsity_at_threshold_0.01"] == sp and "n_halving" in head["halving"]
     assert (tmp_path / "run" / "summary.json").exists() and (tmp_path / "run" / "ppl_curve.csv").exists()
     assert main(["sparsity", "--steps", "stats,bogus", "--quiet"]) == 2

@@ -252,9 +252,26 @@ def sparsity_report(model, config: SparsityConfig | None = None, direction=None,
         summary["direction"] = out
         timings["direction"] = round(time.time() - t, 1)
 
+    summary = {"headline": _headline(summary, cfg), **summary}
     summary["seconds"] = {**timings, "total": round(time.time() - t0, 1)}
     summary["config"] = asdict(cfg)
     return summary, tables
+
+
+def _headline(summary: dict, cfg: SparsityConfig) -> dict:
+    """The three numbers issue 7 asks for, gathered from the full summary."""
+    out: dict = {}
+    if "sparsity_at_default_threshold" in summary:
+        out[f"sparsity_at_threshold_{cfg.default_threshold:g}"] = summary["sparsity_at_default_threshold"]
+    if "ppl" in summary and 1.0 in cfg.p:
+        p1 = summary["ppl"]["p1"]
+        out["ppl1_sparsity"] = {k: v["sparsity"] for k, v in p1.items()}
+        out["ppl1_threshold"] = {k: v["threshold"] for k, v in p1.items()}
+    if "differential_neurons" in summary:
+        h = summary["differential_neurons"]["halving"]
+        out["halving"] = {k: h.get(k) for k in ("n_halving", "base_refusal_rate", "differential_refusal_rate",
+                                               "random_refusal_rate", "mode", "control")}
+    return out
 
 
 def save_tables(tables: dict[str, pd.DataFrame], out_dir: str | Path) -> dict[str, str]:
