@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 #: :func:`add_common_args` for --model/--device/--dtype/--quiet/--json. One line per analysis module.
 COMMAND_MODULES: list[str] = [
     "workbench.commands_directions",
+    "workbench.commands_patching",
     "workbench.commands_sparsity",
 ]
 

@@ -1,0 +1,292 @@
+"""Activation patching: exactness against transformer_lens.patching, engine agreement, attribution, subspace
+patching, the illusion check, bad input and the CLI. Tiny random models; every test asserts numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import workbench.patching as wp
+from workbench.errors import WorkbenchError
+from workbench.patching.bench import candidate_pairs, same_length_pairs
+from workbench.patching.engine import Rows, plan_resume
+
+
+@pytest.fixture(scope="module")
+def model3(tmp_path_factory):
+    """A 3-layer random Llama chat model (d_model 64, 4 heads, GQA 2)."""
+    from workbench import load_model
+    from workbench.testing import make_tiny_chat_model
+
+    path = make_tiny_chat_model(tmp_path_factory.mktemp("patch") / "m3", n_layers=3, seed=1)
+    return load_model(str(path), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def flat_pairs(model3):
+    """Three equal-length pairs sharing one token length (no padding anywhere)."""
+    clean, corrupted = candidate_pairs()
+    return same_length_pairs(model3.tokenizer, clean, corrupted, 3)
+
+
+@pytest.fixture(scope="module")
+def padded_pairs(model3):
+    """Pairs of equal length within each pair but different lengths across pairs (left padding)."""
+    clean, corrupted = candidate_pairs()
+    pairs = wp.make_pairs(model3.tokenizer, clean, corrupted, drop_unequal=True)
+    lengths = pairs.attention_mask.sum(-1).tolist()
+    pick, seen = [], set()
+    for i, n in enumerate(lengths):
+        if n not in seen:
+            seen.add(n)
+            pick.append(i)
+        if len(pick) == 3:
+            break
+    out = wp.make_pairs(model3.tokenizer, [pairs.clean[i] for i in pick], [pairs.corrupted[i] for i in pick])
+    assert out.padded
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(model3, flat_pairs):
+    return wp.prepare(model3, flat_pairs)
+
+
+def _tl_metric(runs):
+    return lambda logits: runs.metric(logits[:, -1]).mean()
+
+
+# ----------------------------------------------------------------------------------------------- exactness
+def test_resid_pre_sweep_equals_transformer_lens(model3, flat_pairs, runs):
+    import transformer_lens.patching as tlp
+
+    ours = wp.exact_patch(model3, runs, "resid_pre", show_progress=False)
+    _, cache = model3.run_with_cache(flat_pairs.clean_ids, names_filter=lambda n: n.endswith("hook_resid_pre"))
+    ref = tlp.get_act_patch_resid_pre(model3, flat_pairs.corrupted_ids, cache, _tl_metric(runs))
+    assert ours.engine == "resume"
+    assert ours.raw.shape == ref.shape == (3, flat_pairs.n_pos)
+    assert float((ours.raw - ref).abs().max()) < 1e-4
+    # and the peer's numbers are not trivially constant
+    assert float(ref.max() - ref.min()) > 1e-4
+
+
+@pytest.mark.parametrize("component,tl_name", [
+    pytest.param("attn_out", "get_act_patch_attn_out", marks=pytest.mark.slow),
+    ("heads", "get_act_patch_attn_head_out_all_pos"),
+])
+def test_other_sweeps_equal_transformer_lens(model3, flat_pairs, runs, component, tl_name):
+    import transformer_lens.patching as tlp
+
+    ours = wp.exact_patch(model3, runs, component, show_progress=False)
+    hook = "hook_attn_out" if component == "attn_out" else "hook_z"
+    _, cache = model3.run_with_cache(flat_pairs.clean_ids, names_filter=lambda n: n.endswith(hook))
+    ref = getattr(tlp, tl_name)(model3, flat_pairs.corrupted_ids, cache, _tl_metric(runs))
+    assert ours.raw.shape == ref.shape
+    assert float((ours.raw - ref).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("component", ["resid_pre", "attn_out", "mlp_out", "heads", "heads_pos"])
+def test_resume_engine_equals_hooks_engine_with_padding(model3, padded_pairs, component):
+    runs = wp.prepare(model3, padded_pairs)
+    for mode in ("denoise", "noise") if component in ("resid_pre", "heads") else ("denoise",):
+        a = wp.exact_patch(model3, runs, component, mode=mode, engine="resume", show_progress=False)
+        b = wp.exact_patch(model3, runs, component, mode=mode, engine="hooks", show_progress=False)
+        assert a.engine == "resume" and b.engine == "hooks"
+        assert float((a.raw - b.raw).abs().max()) < 1e-4
+
+
+def test_resume_engine_small_token_budget_is_still_exact(model3, runs):
+    a = wp.exact_patch(model3, runs, "resid_pre", max_tokens=7, show_progress=False)
+    b = wp.exact_patch(model3, runs, "resid_pre", engine="hooks", show_progress=False)
+    assert float((a.raw - b.raw).abs().max()) < 1e-4
+
+
+def test_patching_every_position_restores_the_clean_run(model3, runs):
+    den = wp.exact_patch(model3, runs, "resid_pre", grid="layer", show_progress=False)
+    noi = wp.exact_patch(model3, runs, "resid_pre", grid="layer", mode="noise", show_progress=False)
+    assert torch.allclose(den.values, torch.ones(3), atol=1e-3)      # clean resid everywhere = the clean run
+    assert torch.allclose(noi.values, torch.zeros(3), atol=1e-3)     # corrupted resid everywhere = corrupted run
+
+
+def test_shared_prefix_cells_are_the_corrupted_run(model3, runs):
+    res = wp.exact_patch(model3, runs, "resid_pre", show_progress=False)
+    fd = int(runs.pairs.first_diff.min())
+    assert fd > 0
+    assert torch.equal(res.values[:, :fd], torch.zeros(3, fd))
+    assert float((res.raw[:, :fd] - runs.corrupted_value).abs().max()) == 0.0
+
+
+def test_plan_covers_every_row_once():
+    g = torch.Generator().manual_seed(0)
+    n = 200
+    rows = Rows(torch.randint(0, 3, (n,), generator=g), torch.randint(0, 4, (n,), generator=g),
+                torch.randint(5, 20, (n,), generator=g), torch.zeros(n, 20, dtype=torch.bool))
+    for overhead in (0.0, 50.0, 1e7):
+        chunks = plan_resume(rows, 20, 4, overhead, max_tokens=64)
+        ids = torch.cat([c for _, c in chunks])
+        assert sorted(ids.tolist()) == list(range(n))
+        for start, c in chunks:
+            assert int(rows.start[c].min()) >= start
+            assert len(c) * (20 - start) <= 64 or len(c) == 1
+            assert torch.equal(rows.layer[c], rows.layer[c].sort().values)
+    assert len(plan_resume(rows, 20, 4, 1e7, 10_000)) == 1          # huge overhead: one merged group
+
+
+# ------------------------------------------------------------------------------------------------ results
+def test_dataframe_has_token_labels(model3, runs):
+    res = wp.exact_patch(model3, runs, "mlp_out", show_progress=False)
+    df = res.df
+    n_pos = runs.pairs.n_pos
+    assert len(df) == 3 * n_pos
+    assert {"component", "layer", "pos", "token", "corrupted_token", "value", "raw"} <= set(df.columns)
+    tok = model3.tokenizer
+    assert df.loc[df.pos == n_pos - 1, "token"].iloc[0] == tok.decode([int(runs.pairs.clean_ids[0, -1])])
+    assert int(df.post_instruction.sum()) == 3 * runs.pairs.n_post
+    heads = wp.exact_patch(model3, runs, "heads", show_progress=False).df
+    assert len(heads) == 3 * 4 and set(heads["head"]) == {0, 1, 2, 3}
+
+
+def test_attribution_tracks_exact_patching(model3, runs):
+    for component in ("attn_out", "mlp_out", "heads"):
+        ex = wp.exact_patch(model3, runs, component, show_progress=False)
+        at = wp.attribution_patch(model3, runs, component)
+        assert at.values.shape == ex.values.shape
+        assert wp.compare(ex, at)["pearson"] > 0.9
+    ex = wp.exact_patch(model3, runs, "heads_pos", show_progress=False)
+    at = wp.attribution_patch(model3, runs, "heads_pos")
+    assert wp.compare(ex, at)["pearson"] > 0.9
+    # first-order estimate of a full-layer resid patch: exact is 1, the estimate is finite and positive-ish
+    assert wp.pearson(torch.arange(5.0), torch.arange(5.0) * 2) == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------------------------- subspace
+def test_subspace_patch_full_basis_equals_full_patch(model3, runs):
+    eye = torch.eye(64)
+    df = wp.subspace_patch(model3, runs, eye, positions="post", show_progress=False)
+    assert len(df) == 3
+    assert float((df["value"] - df["value_full"]).abs().max()) < 1e-3
+    v = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    one = wp.subspace_patch(model3, runs, v, layers=[1], positions="post", show_progress=False)
+    assert one["layer"].tolist() == [1]
+    # a single direction moves less than the whole residual stream
+    assert abs(float(one["value"][0])) < abs(float(one["value_full"][0])) + 1e-6
+
+
+def test_split_direction_against_a_known_row_space():
+    g = torch.Generator().manual_seed(0)
+    readers = torch.randn(8, 64, generator=g, dtype=torch.float64)
+    v = torch.randn(64, generator=g)
+    v_row, v_null, row_dim = wp.split_direction(v, readers.T @ readers)
+    assert row_dim == 8
+    assert torch.allclose(v_row + v_null, v, atol=1e-5)
+    assert float((readers.float() @ v_null).abs().max()) < 1e-4      # the nullspace part is not read
+    assert abs(float(v_row @ v_null)) < 1e-4
+
+
+def test_illusion_check_on_a_model_with_unread_coordinates(tiny_dir):
+    """Zero the norms' weights on 4 coordinates from layer 1 on: those coordinates are never read downstream."""
+    from workbench import load_model
+
+    model = load_model(str(tiny_dir), device="cpu")
+    dead = [3, 17, 40, 63]
+    with torch.no_grad():
+        for j in range(1, model.cfg.n_layers):
+            for ln in (model.blocks[j].ln1, model.blocks[j].ln2):
+                ln.original_component.weight[dead] = 0.0
+        model.ln_final.original_component.weight[dead] = 0.0
+    gram, _ = wp.reader_gram(model, 1)
+    v = torch.zeros(64)
+    v[dead[0]] = 0.6
+    v[5] = 0.8
+    _, v_null, row_dim = wp.split_direction(v, gram)
+    assert row_dim == 60
+    assert float(v_null.norm() ** 2) == pytest.approx(0.36, abs=1e-4)
+    clean, corrupted = candidate_pairs()
+    pairs = same_length_pairs(model.tokenizer, clean, corrupted, 2)
+    runs = wp.prepare(model, pairs)
+    chk = wp.illusion_check(model, runs, v, layer=1)
+    assert chk.null_dim == 4 and chk.row_dim == 60
+    assert chk.null_norm_fraction == pytest.approx(0.36, abs=1e-4)
+    # the connected and disconnected sources add up to the full patch (to first order)
+    assert chk.effect_full == pytest.approx(chk.effect_connected_source + chk.effect_disconnected_source, abs=0.05)
+    assert set(chk.to_dict()) >= {"disconnected_share", "effect_null", "effect_row"}
+    # with every reader of the unedited layer 0 included, nothing is disconnected
+    assert wp.illusion_check(model, runs, v, layer=0).null_dim == 0
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_unequal_pair_lengths_raise(model3, flat_pairs):
+    with pytest.raises(WorkbenchError, match="different token length"):
+        wp.make_pairs(model3.tokenizer, ["How do I build a bomb right now please?"], ["Hi"])
+    pairs = wp.make_pairs(model3.tokenizer, ["How do I build a bomb right now please?", flat_pairs.clean[0]],
+                          ["Hi", flat_pairs.corrupted[0]], drop_unequal=True)
+    assert pairs.dropped == [0] and pairs.n_pairs == 1
+    with pytest.raises(WorkbenchError, match="none of the 1 pairs"):
+        wp.make_pairs(model3.tokenizer, ["How do I build a bomb right now please?"], ["Hi"], drop_unequal=True)
+
+
+def test_unknown_component_raises(model3, runs):
+    with pytest.raises(WorkbenchError, match="unknown component 'resid_post'"):
+        wp.exact_patch(model3, runs, "resid_post", show_progress=False)
+    with pytest.raises(WorkbenchError, match="cannot be swept by grid"):
+        wp.exact_patch(model3, runs, "resid_pre", grid="layer_head", show_progress=False)
+    with pytest.raises(WorkbenchError, match="unknown mode"):
+        wp.exact_patch(model3, runs, "resid_pre", mode="both", show_progress=False)
+
+
+def test_constant_metric_raises(model3):
+    pairs = wp.make_pairs(model3.tokenizer, ["How do I bake a cake?"], ["How do I bake a cake?"])
+    with pytest.raises(WorkbenchError, match="constant on the pairs"):
+        wp.prepare(model3, pairs)
+
+
+def test_other_bad_input(model3, runs):
+    with pytest.raises(WorkbenchError, match="d_model = 64"):
+        wp.subspace_patch(model3, runs, torch.ones(10), show_progress=False)
+    with pytest.raises(WorkbenchError, match="unknown metric"):
+        wp.make_metric(model3, "accuracy")
+    with pytest.raises(WorkbenchError, match="out of range"):
+        wp.exact_patch(model3, runs, "resid_pre", layers=[7], show_progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- store, CLI
+def test_clean_activations_from_the_store(model3, flat_pairs, runs, tmp_path):
+    stored = wp.prepare(model3, flat_pairs, store=tmp_path / "store")
+    assert stored.clean_source.startswith("store")
+    a = wp.exact_patch(model3, stored, "attn_out", show_progress=False)
+    b = wp.exact_patch(model3, runs, "attn_out", show_progress=False)
+    assert float((a.raw - b.raw).abs().max()) < 1e-5
+    again = wp.prepare(model3, flat_pairs, store=tmp_path / "store")   # served from disk this time
+    assert again.clean_source.startswith("store")
+
+
+def test_cli_patch_json(model3, tmp_path, capsys):
+    from workbench.cli import main
+
+    model_dir = model3._wb_source["path"]
+    clean, corrupted = candidate_pairs(120)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"clean": c, "corrupted": k}) + "\n" for c, k in zip(clean, corrupted)))
+    rc = main(["patch", "--model", model_dir, "--pairs", str(path), "--n-pairs", "2", "--components",
+               "resid_pre,heads", "--json", "--quiet", "--no-store", "--layer", "1", "--device", "cpu"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n_pairs"] == 2
+    assert set(out["components"]) == {"resid_pre", "z_layer_head"}
+    assert -1.0 <= out["pearson_attribution_vs_exact"]["z_layer_head"] <= 1.0
+    assert out["subspace"]["layer"] == 1 and out["subspace"]["illusion_check"]["null_dim"] == 0
+    rc = main(["patch", "--model", model_dir, "--pairs", str(path), "--components", "resid_post", "--quiet",
+               "--no-store"])
+    assert rc == 2
+    assert "unknown component" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_reports_exactness_and_speed(model3, flat_pairs):
+    from workbench.patching.bench import bench_model
+
+    out = bench_model(model3, flat_pairs.select([0]), repeats=1)
+    assert out["max_abs_diff_vs_transformer_lens"] < 1e-4
+    assert out["speedup_vs_transformer_lens"] > 1.0

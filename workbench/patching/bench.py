@@ -1,0 +1,177 @@
+"""Benchmark: the batched resid_pre sweep vs TransformerLens ``patching.get_act_patch_resid_pre``.
+
+Both run in one process on the same model, pairs and metric: ours is :func:`prepare` + :func:`exact_patch`
+(both forwards included), the peer is ``run_with_cache`` on the clean prompts + ``get_act_patch_resid_pre``
+(one forward per layer x position cell). ``get_act_patch_resid_pre`` passes no attention mask, so the pairs
+are chosen with one common token length (no padding). Times are medians of ``repeats`` interleaved runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import statistics
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from ..errors import WorkbenchError
+from .exact import exact_patch, prepare
+from .metrics import make_metric
+from .pairs import PromptPairs, make_pairs
+
+
+def candidate_pairs(limit: int = 400) -> tuple[list[str], list[str]]:
+    """Harmful / harmless prompts built from the organism corpus word lists (same template, different request)."""
+    from ..organism.corpus import BENIGN_THEMES, HARMFUL_THEMES, REQUEST_TEMPLATES
+
+    harmful = [(v, o) for verbs, objs in HARMFUL_THEMES for v, o in itertools.product(verbs, objs)]
+    benign = [(v, o) for verbs, objs in BENIGN_THEMES for v, o in itertools.product(verbs, objs)]
+    clean, corrupted = [], []
+    for shift in range(len(benign)):
+        for i, (template, (hv, ho)) in enumerate(itertools.product(REQUEST_TEMPLATES, harmful)):
+            if (i + shift) % 5:
+                continue
+            bv, bo = benign[(i * 7 + shift) % len(benign)]
+            clean.append(template.format(verb=hv, obj=ho))
+            corrupted.append(template.format(verb=bv, obj=bo))
+            if len(clean) >= limit:
+                return clean, corrupted
+    return clean, corrupted
+
+
+def same_length_pairs(tokenizer, clean: list[str], corrupted: list[str], n_pairs: int) -> PromptPairs:
+    """Up to ``n_pairs`` equal-length pairs that all share the most common token length (no padding at all)."""
+    pairs = make_pairs(tokenizer, clean, corrupted, drop_unequal=True)
+    lengths = pairs.attention_mask.sum(-1).tolist()
+    common, _ = Counter(lengths).most_common(1)[0]
+    keep, seen = [], set()
+    for i, n in enumerate(lengths):
+        if n == common and pairs.clean[i] not in seen:
+            seen.add(pairs.clean[i])
+            keep.append(i)
+        if len(keep) >= n_pairs:
+            break
+    return make_pairs(tokenizer, [pairs.clean[i] for i in keep], [pairs.corrupted[i] for i in keep])
+
+
+@contextlib.contextmanager
+def _quiet_tl(quiet: bool):
+    """Silence the progress bar ``transformer_lens.patching`` always draws (restored afterwards)."""
+    import transformer_lens.patching as tlp
+
+    if not quiet:
+        yield
+        return
+    original = tlp.tqdm
+    tlp.tqdm = lambda it, *a, **k: it
+    try:
+        yield
+    finally:
+        tlp.tqdm = original
+
+
+def bench_model(model, pairs: PromptPairs, repeats: int = 3, show_progress: bool = False) -> dict:
+    """Time ours vs ``get_act_patch_resid_pre`` on one model; max abs diff of the raw metric grids."""
+    import transformer_lens.patching as tlp
+
+    if pairs.padded:
+        raise WorkbenchError("the benchmark needs pairs of one common length (the peer passes no attention mask)")
+    metric = make_metric(model, "refusal_score")
+    dev = next(model.parameters()).device
+    pairs = pairs.to(dev)
+
+    def tl_metric(logits):
+        return metric(logits[:, -1]).mean()
+
+    def ours():
+        runs = prepare(model, pairs, metric, ["resid_pre"])
+        return exact_patch(model, runs, "resid_pre", show_progress=show_progress)
+
+    def peer():
+        _, cache = model.run_with_cache(pairs.clean_ids, names_filter=lambda n: n.endswith("hook_resid_pre"))
+        with _quiet_tl(not show_progress), torch.no_grad():
+            return tlp.get_act_patch_resid_pre(model, pairs.corrupted_ids, cache, tl_metric)
+
+    t_ours, t_peer = [], []
+    res = ref = None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        res = ours()
+        t_ours.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ref = peer()
+        t_peer.append(time.perf_counter() - t0)
+    assert res is not None and ref is not None
+    diff = float((res.raw - ref.float().cpu()).abs().max())
+    med_ours, med_peer = statistics.median(t_ours), statistics.median(t_peer)
+    return {
+        "n_pairs": pairs.n_pairs,
+        "n_pos": pairs.n_pos,
+        "n_layers": int(model.cfg.n_layers),
+        "d_model": int(model.cfg.d_model),
+        "cells": int(res.values.numel()),
+        "engine": res.engine,
+        "seconds_ours": round(med_ours, 4),
+        "seconds_transformer_lens": round(med_peer, 4),
+        "speedup_vs_transformer_lens": round(med_peer / med_ours, 2),
+        "max_abs_diff_vs_transformer_lens": diff,
+        "times_ours": [round(t, 4) for t in t_ours],
+        "times_transformer_lens": [round(t, 4) for t in t_peer],
+    }
+
+
+def bench_patch(models: tuple[str, ...] = ("organism", "random512"), n_pairs: int = 4, repeats: int = 3,
+                device: str | None = "cpu", show_progress: bool = False) -> dict:
+    """The ``workbench bench patch`` benchmark.
+
+    Args:
+        models: ``"organism"`` (skipped with a note when it is not built), ``"random512"`` (a random-weight
+            Llama, d_model 512, 8 layers, GQA 8/4 heads, d_mlp 1376, written to a temp dir) or model paths.
+        n_pairs: pairs per sweep. repeats: timing repeats (median reported).
+
+    Returns:
+        ``{"max_abs_diff_vs_transformer_lens": worst over models, "speedup_vs_transformer_lens": smallest
+        over models, "models": {name: details}}``.
+    """
+    from ..models import load_model
+    from ..testing import make_tiny_chat_model
+
+    out: dict = {"models": {}, "skipped": {}}
+    clean, corrupted = candidate_pairs()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in models:
+            try:
+                if name == "random512":
+                    path = make_tiny_chat_model(Path(tmp) / "random512", d_model=512, n_layers=8, n_heads=8,
+                                                n_kv_heads=4, d_mlp=1376)
+                    model = load_model(str(path), device=device)
+                else:
+                    model = load_model(name, device=device)
+            except WorkbenchError as exc:
+                out["skipped"][name] = str(exc)
+                continue
+            pairs = None
+            if name == "organism":
+                from ..models import organism_dir
+                from .pairs import read_pairs
+
+                file = organism_dir() / "pairs.jsonl"
+                if file.exists():
+                    c, k = read_pairs(file)
+                    pairs = same_length_pairs(model.tokenizer, c, k, n_pairs)
+            if pairs is None:
+                pairs = same_length_pairs(model.tokenizer, clean, corrupted, n_pairs)
+            out["models"][name] = bench_model(model, pairs, repeats, show_progress)
+            del model
+    if not out["models"]:
+        raise WorkbenchError(f"no model could be benchmarked: {out['skipped']}")
+    runs = out["models"].values()
+    out["max_abs_diff_vs_transformer_lens"] = max(r["max_abs_diff_vs_transformer_lens"] for r in runs)
+    out["speedup_vs_transformer_lens"] = min(r["speedup_vs_transformer_lens"] for r in runs)
+    if not out["skipped"]:
+        del out["skipped"]
+    return out
