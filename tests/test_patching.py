@@ -148,6 +148,16 @@ def test_dataframe_has_token_labels(model3, runs):
     assert len(heads) == 3 * 4 and set(heads["head"]) == {0, 1, 2, 3}
 
 
+def test_restricted_layers_keep_their_layer_numbers(model3, runs):
+    full = wp.exact_patch(model3, runs, "attn_out", show_progress=False)
+    part = wp.exact_patch(model3, runs, "attn_out", layers=[1, 2], show_progress=False)
+    assert part.values.shape == (2, runs.pairs.n_pos)
+    assert float((part.raw - full.raw[1:]).abs().max()) < 1e-5
+    assert sorted(set(part.df["layer"])) == [1, 2]
+    attr = wp.attribution_patch(model3, runs, "attn_out", layers=[2])
+    assert sorted(set(attr.df["layer"])) == [2]
+
+
 def test_attribution_tracks_exact_patching(model3, runs):
     for component in ("attn_out", "mlp_out", "heads"):
         ex = wp.exact_patch(model3, runs, component, show_progress=False)
@@ -159,6 +169,18 @@ def test_attribution_tracks_exact_patching(model3, runs):
     assert wp.compare(ex, at)["pearson"] > 0.9
     # first-order estimate of a full-layer resid patch: exact is 1, the estimate is finite and positive-ish
     assert wp.pearson(torch.arange(5.0), torch.arange(5.0) * 2) == pytest.approx(1.0)
+
+
+def test_metrics(model3):
+    tok = model3.tokenizer
+    logits = torch.randn(5, len(tok), generator=torch.Generator().manual_seed(0))
+    ld = wp.make_metric(model3, "logit_diff")
+    r, c = wp.metrics.refusal_token_ids(tok), wp.compliance_token_ids(tok)
+    assert torch.allclose(ld(logits), logits[:, r].mean(-1) - logits[:, c].mean(-1))
+    rs = wp.make_metric(model3, "refusal_score")(logits)
+    p = torch.softmax(logits, -1)[:, r].sum(-1)
+    assert torch.allclose(rs, torch.log(p / (1 - p)), atol=1e-5)
+    assert wp.normalise(torch.tensor([2.0, 3.0]), clean=3.0, corrupted=2.0).tolist() == [0.0, 1.0]
 
 
 # ----------------------------------------------------------------------------------------------- subspace

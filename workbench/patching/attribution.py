@@ -97,7 +97,8 @@ def attribution_patch(
         per_layer.append(est.mean(0).cpu())
     est = torch.stack(per_layer)
     raw = est + float(runs.base_metric(mode).mean())
-    return _result(runs, comp, grid, mode, "attribution", raw, None, time.perf_counter() - t0, 0, model)
+    return _result(runs, comp, grid, mode, "attribution", raw, None, time.perf_counter() - t0, 0, model,
+                   None if layers == list(range(n_layers)) else layers)
 
 
 def pearson(a: Tensor, b: Tensor) -> float:

@@ -440,10 +440,10 @@ def measure_block_overhead(model, run: Run, reps: int = 3) -> float:
         return run.block_overhead_tokens
     n, t = int(run.tokens.shape[0]), run.n_pos
     dev = model_device(model)
-    pairs = torch.arange(n, device=dev)
 
-    def timed(start: int) -> float:
-        h = run.resid_pre(0)[:, start:]
+    def timed(start: int, copies: int = 1) -> float:
+        pairs = torch.arange(n, device=dev).repeat(copies)
+        h = run.resid_pre(0)[pairs, start:]
         kwargs = _resume_kwargs(run, 0, pairs, start)
         times = []
         for _ in range(reps):
@@ -454,8 +454,14 @@ def measure_block_overhead(model, run: Run, reps: int = 3) -> float:
             times.append(time.perf_counter() - t0)
         return sorted(times)[len(times) // 2]
 
-    small, big = timed(t - 1), timed(0)
-    per_token = max(big - small, 1e-9) / max(1, n * (t - 1))
+    small = timed(t - 1)
+    copies = 1
+    big = timed(0, copies)
+    # grow the timed batch until compute, not overhead, dominates it (small models), up to ~4k positions
+    while big < 2 * small and n * t * copies * 4 <= 4096:
+        copies *= 4
+        big = timed(0, copies)
+    per_token = max(big - small, 1e-9) / max(1, n * t * copies - n)
     run.block_overhead_tokens = float(min(max(small / per_token, 1.0), 1e7))
     return run.block_overhead_tokens
 

@@ -170,6 +170,7 @@ class PatchResult:
         clean_value, corrupted_value: mean metric of the unpatched runs.
         tokens, corrupted_tokens: per-position token labels (first pair). n_post: post-instruction positions.
         engine: which engine ran (exact sweeps). seconds: wall time of the sweep.
+        n_forward_rows: patched rows actually computed. layers: the swept layers (``None``: all).
     """
 
     component: str
@@ -187,6 +188,12 @@ class PatchResult:
     engine: str | None = None
     seconds: float = 0.0
     n_forward_rows: int = 0
+    layers: list[int] | None = None
+
+    @property
+    def layer_ids(self) -> list[int]:
+        """The model layer of each index of the first axis (all layers unless the sweep was restricted)."""
+        return list(range(int(self.values.shape[0]))) if self.layers is None else list(self.layers)
 
     @property
     def axes(self) -> tuple[str, ...]:
@@ -198,6 +205,7 @@ class PatchResult:
         idx = torch.cartesian_prod(*[torch.arange(s) for s in self.values.shape]) if len(axes) > 1 else \
             torch.arange(self.values.shape[0])[:, None]
         df = pd.DataFrame(idx.numpy(), columns=list(axes))
+        df["layer"] = [self.layer_ids[i] for i in df["layer"]]
         if "pos" in axes:
             n_pos = len(self.tokens)
             df["pos_from_end"] = df["pos"] - n_pos
@@ -363,18 +371,20 @@ def exact_patch(
     vals = run_rows(model, base, patch, rows, runs.metric, engine, max_tokens, show_progress)
     raw = _cell_means(vals, cell, rows, runs.base_metric(mode), len(layer)).view(shape)
     used = "hooks" if engine == "hooks" or not base.resume_ok else "resume"
-    return _result(runs, comp, grid, mode, "exact", raw, used, time.perf_counter() - t0, len(rows), model)
+    return _result(runs, comp, grid, mode, "exact", raw, used, time.perf_counter() - t0, len(rows), model, layers)
 
 
-def _result(runs: PatchingRuns, comp, grid, mode, method, raw, engine, seconds, n_rows, model) -> PatchResult:
+def _result(runs: PatchingRuns, comp, grid, mode, method, raw, engine, seconds, n_rows, model,
+            layers: Sequence[int] | None = None) -> PatchResult:
     values = normalise(raw, runs.clean_value, runs.corrupted_value)
     clean_tok, corr_tok = runs.pairs.token_labels(model.tokenizer, 0)
     return PatchResult(comp, grid, mode, method, runs.metric.name, values, raw, runs.clean_value,
-                       runs.corrupted_value, clean_tok, corr_tok, runs.pairs.n_post, engine, seconds, n_rows)
+                       runs.corrupted_value, clean_tok, corr_tok, runs.pairs.n_post, engine, seconds, n_rows,
+                       None if layers is None else [int(j) for j in layers])
 
 
 def first_layer_above(result: PatchResult, threshold: float = 0.5, reduce: str = "max") -> int | None:
     """First layer whose value (reduced over positions/heads with ``reduce``) exceeds ``threshold``."""
     by_layer = result.by_layer(reduce)
     above = torch.nonzero(by_layer > threshold).flatten()
-    return int(above[0]) if len(above) else None
+    return result.layer_ids[int(above[0])] if len(above) else None
