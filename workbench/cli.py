@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from pathlib import Path
 
 from .errors import WorkbenchError
 from .models import DEFAULT_MODEL
@@ -55,16 +53,22 @@ def cmd_organism_build(a: argparse.Namespace) -> dict:
 
 
 def cmd_run(a: argparse.Namespace) -> dict:
-    """The main job. Runs every stage that exists, in order, and writes ``summary.json`` under ``--out``."""
-    out_dir = Path(a.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    a.split, a.limit, a.save = "test", None, str(out_dir / "generations.jsonl")
-    a.max_new_tokens, a.batch_size = 24, 64
-    result = {"evaluate": cmd_evaluate(a)}
-    result["seconds"] = round(time.time() - t0, 1)
-    (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
-    return result
+    """The main job (see :mod:`workbench.pipeline`)."""
+    from .pipeline import STAGES, RunConfig, run_main_job
+
+    stages = tuple(x.strip() for x in a.stages.split(",")) if a.stages else STAGES
+    cfg = RunConfig(model=a.model, out_dir=a.out, device=a.device, dtype=a.dtype, store=a.store, stages=stages,
+                    png=not a.no_png, e2e_steps=a.e2e_steps, show_progress=not a.quiet)
+    summary = run_main_job(cfg)
+    if a.json:
+        return summary
+    brief = {"out": a.out, "seconds": summary["seconds"]}
+    if "steering" in summary:
+        brief["steering"] = {m: r["refusal_rate"] for m, r in summary["steering"]["methods"].items()}
+    if "directions" in summary:
+        brief["directions"] = {k: summary["directions"].get(k) for k in ("selected", "cos_ground_truth", "refusal_rate")}
+    brief["report"] = f"{a.out}/report.html"
+    return brief
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the main job on one model: every analysis, figures and a report")
     _common(p)
     p.add_argument("--out", default="runs/latest", help="output directory")
+    p.add_argument("--stages", default=None, help="comma-separated subset of evaluate,directions,patching,sparsity,steering")
+    p.add_argument("--store", default=None, help="activation store root (default $WORKBENCH_CACHE or ~/.cache/workbench)")
+    p.add_argument("--e2e-steps", type=int, default=300, help="end-to-end controller training steps")
+    p.add_argument("--no-png", action="store_true", help="HTML figures only")
     p.set_defaults(func=cmd_run)
 
     bench = sub.add_parser("bench", help="ratio benchmarks against peers, measured in one process")
@@ -104,8 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
 #: top-level subparsers ``sub`` and to the ``workbench bench ...`` subparsers ``bench_sub``. Use
 #: :func:`add_common_args` for --model/--device/--dtype/--quiet/--json. One line per analysis module.
 COMMAND_MODULES: list[str] = [
+    "workbench.commands_cache",
     "workbench.commands_directions",
     "workbench.commands_patching",
+    "workbench.commands_steering",
     "workbench.commands_sparsity",
 ]
 

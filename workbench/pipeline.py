@@ -1,0 +1,201 @@
+"""The main job behind ``workbench run``: cache -> directions -> patching -> sparsity -> controller -> figures
+-> report.
+
+Every stage reads and writes the one activation store (so a second run reuses it and is much faster), saves
+its artifacts under ``out_dir/<stage>/``, and adds a block to ``summary.json``. Figures go to
+``out_dir/figures/`` as HTML (offline) and PNG; ``report.md`` and ``report.html`` tie them together.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import WorkbenchError
+
+STAGES = ("evaluate", "directions", "patching", "sparsity", "steering")
+
+
+@dataclass
+class RunConfig:
+    """One main-job run; saved as ``config.json`` so the run can be repeated."""
+
+    model: str = "organism"
+    out_dir: str = "runs/latest"
+    device: str | None = None
+    dtype: str | None = None
+    store: str | None = None
+    stages: tuple[str, ...] = STAGES
+    figures: bool = True
+    png: bool = True
+    e2e_steps: int = 300
+    n_pairs: int = 16
+    show_progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunState:
+    model: object
+    store: object
+    out: Path
+    cfg: RunConfig
+    summary: dict = field(default_factory=dict)
+    figures: list[tuple[str, str, Path]] = field(default_factory=list)  # (stage, title, html path)
+    direction: object = None
+
+    def figure(self, stage: str, name: str, title: str, fig) -> None:
+        if not self.cfg.figures:
+            return
+        from .plots import save_figure
+
+        formats = ("html", "png") if self.cfg.png else ("html",)
+        paths = save_figure(fig, self.out / "figures" / name, formats=formats)
+        self.figures.append((stage, title, Path(paths["html"])))
+
+
+def _stage_evaluate(st: RunState) -> dict:
+    from .data import CATEGORIES, organism_splits
+    from .evaluate import evaluate_refusal
+
+    ev = evaluate_refusal(st.model, organism_splits("test", CATEGORIES), show_progress=st.cfg.show_progress)
+    (st.out / "evaluate").mkdir(exist_ok=True)
+    ev.table.to_json(st.out / "evaluate" / "generations.jsonl", orient="records", lines=True)
+    return ev.summary()
+
+
+def _stage_directions(st: RunState) -> dict:
+    from . import plots
+    from .directions import candidate_cosines, projection_by_layer
+    from .directions.report import directions_report
+    from .data import organism_prompts
+
+    summary, sel = directions_report(st.model, store=st.store, show_progress=st.cfg.show_progress)
+    d = sel.direction
+    st.direction = d
+    out = st.out / "directions"
+    out.mkdir(exist_ok=True)
+    d.save(out / "direction")
+    sel.scores.to_csv(out / "candidate_scores.csv", index=False)
+    st.figure("directions", "candidate_scores", "Candidate directions: bypass score (layer x position)",
+              plots.candidate_scores_heatmap(sel.scores, selected=(d.layer, d.position)))
+    st.figure("directions", "bypass_vs_induce", "Bypass vs induce score of every candidate",
+              plots.bypass_induce_scatter(sel.scores, selected=(d.layer, d.position)))
+    st.figure("directions", "candidate_cosines", "Cosine similarity of candidates across layers",
+              plots.cosine_matrix(candidate_cosines(sel.candidates)))
+    sets = {c: organism_prompts("test", c, 64) for c in ("harmful", "benign", "jailbreak")}
+    proj = projection_by_layer(st.model, d, sets, store=st.store, show_progress=st.cfg.show_progress)
+    proj.to_csv(out / "projections.csv", index=False)
+    st.figure("directions", "projections", "Projection on the refusal direction per layer",
+              plots.projection_plot(proj))
+    return summary
+
+
+def _stage_patching(st: RunState) -> dict:
+    from . import plots
+    from .patching import prepare, run_patching
+    from .patching.pairs import organism_pairs
+    from .patching.run import organism_ground_truth
+
+    pairs = organism_pairs(st.model.tokenizer, limit=st.cfg.n_pairs, drop_unequal=True)
+    components = ("resid_pre", "attn_out", "mlp_out", "heads")
+    runs = prepare(st.model, pairs, "refusal_score", components, store=st.store or True,
+                   show_progress=st.cfg.show_progress)
+    truth = organism_ground_truth(st.model)
+    planted = truth[0] if truth is not None else None
+    report = run_patching(st.model, runs, components=components, direction=st.direction, planted_layer=planted,
+                          show_progress=st.cfg.show_progress)
+    report.save(st.out / "patching")
+    st.figure("patching", "patching_resid", "Denoising patching (normalised refusal score) by layer x position",
+              plots.patching_heatmaps([report.exact[c] for c in ("resid_pre", "attn_out", "mlp_out")]))
+    if "heads" in report.exact:
+        st.figure("patching", "patching_heads", "Attention heads (layer x head)", plots.patching_heatmap(report.exact["heads"]))
+    if report.attribution:
+        exact = [report.exact[c] for c in report.attribution]
+        st.figure("patching", "attribution_vs_exact", "Attribution vs exact patching",
+                  plots.attribution_vs_exact(exact, list(report.attribution.values())))
+    if report.subspace is not None:
+        st.figure("patching", "subspace", "Subspace patching and the illusion check",
+                  plots.subspace_patching_plot(report.subspace))
+    return report.summary
+
+
+def _stage_sparsity(st: RunState) -> dict:
+    from . import plots
+    from .sparsity.report import save_tables, sparsity_report
+
+    summary, tables = sparsity_report(st.model, direction=st.direction, store=st.store,
+                                      show_progress=st.cfg.show_progress)
+    save_tables(tables, st.out / "sparsity")
+    if "sparsity" in tables:
+        st.figure("sparsity", "sparsity_by_layer", "MLP activation sparsity per layer",
+                  plots.sparsity_by_layer(tables["sparsity"], threshold=summary.get("default_threshold")))
+    if "ppl_curve" in tables:
+        st.figure("sparsity", "ppl_sparsity", "PPL-p% sparsity", plots.ppl_sparsity_curve(tables["ppl_curve"]))
+    if "ablation_curve" in tables:
+        st.figure("sparsity", "neuron_ablation", "Differential vs random neuron ablation",
+                  plots.neuron_ablation_curve(tables["ablation_curve"]))
+    return summary
+
+
+def _stage_steering(st: RunState) -> dict:
+    from . import plots
+    from .steering.compare import CompareConfig
+    from .steering.pipeline import resolve_direction, run_comparison
+
+    d = st.direction or resolve_direction(st.model, show_progress=st.cfg.show_progress)
+    out = run_comparison(st.model, d, CompareConfig(e2e_steps=st.cfg.e2e_steps), out_dir=st.out / "steering",
+                         show_progress=st.cfg.show_progress)
+    res = out.pop("_result")
+    st.figure("steering", "refusal_rates", "Refusal rate by method and split (test)", plots.refusal_rate_bars(res))
+    st.figure("steering", "controller_weights", "WAS controller layer weights (prompts x layers)",
+              plots.controller_weights_heatmap(res["tables"], method="was_e2e"))
+    st.figure("steering", "controller_weights_mean", "Mean layer weight per category",
+              plots.controller_weights_by_category(res["tables"], method="was_e2e"))
+    st.figure("steering", "scale_distribution", "Controller scale s by category",
+              plots.scale_distribution(res["tables"], method="was_e2e"))
+    if len(res["curves"]):
+        st.figure("steering", "alpha_tradeoff", "Alpha trade-off: refusal vs false refusal (validation)",
+                  plots.alpha_tradeoff(res["curves"], points=res))
+    st.figure("steering", "example_generations", "Example generations with and without steering",
+              plots.generations_table(res["tables"]))
+    return out
+
+
+_STAGE_FUNCS: dict[str, Callable[[RunState], dict]] = {
+    "evaluate": _stage_evaluate, "directions": _stage_directions, "patching": _stage_patching,
+    "sparsity": _stage_sparsity, "steering": _stage_steering,
+}
+
+
+def run_main_job(cfg: RunConfig) -> dict:
+    """Run every stage of ``cfg.stages`` in order; returns the summary (also written to ``summary.json``)."""
+    from .models import load_model
+    from .store import ActivationStore
+
+    unknown = [s for s in cfg.stages if s not in _STAGE_FUNCS]
+    if unknown:
+        raise WorkbenchError(f"unknown stage(s) {unknown}; expected a subset of {list(STAGES)}")
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.__dict__, indent=2, default=list))
+    t0 = time.time()
+    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    st = RunState(model, ActivationStore(cfg.store), out, cfg)
+    st.summary["model"] = cfg.model
+    timings = {"load_model": round(time.time() - t0, 1)}
+    for stage in cfg.stages:
+        t = time.time()
+        st.summary[stage] = _STAGE_FUNCS[stage](st)
+        timings[stage] = round(time.time() - t, 1)
+        (out / "summary.json").write_text(json.dumps({**st.summary, "seconds": timings}, indent=2, default=str))
+    timings["total"] = round(time.time() - t0, 1)
+    st.summary["seconds"] = timings
+    (out / "summary.json").write_text(json.dumps(st.summary, indent=2, default=str))
+    from .report import write_report
+
+    write_report(st.summary, st.figures, out)
+    return st.summary
