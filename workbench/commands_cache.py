@@ -1,0 +1,173 @@
+"""``workbench cache ls|rm|verify|compute`` and ``workbench bench cache``: thin commands over workbench.store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+from .errors import WorkbenchError
+
+
+def _root(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", default=None, help="store directory (default: $WORKBENCH_CACHE or ~/.cache/workbench)")
+
+
+def _store(a):
+    from .store import ActivationStore
+
+    return ActivationStore(a.root)
+
+
+def _records(df) -> list[dict]:
+    return json.loads(df.to_json(orient="records"))
+
+
+def cmd_ls(a: argparse.Namespace) -> dict:
+    store = _store(a)
+    df = store.ls()
+    if not a.json:
+        with __import__("pandas").option_context("display.max_colwidth", 40, "display.width", 200):
+            print(df.drop(columns=["path", "fingerprint"]).to_string(index=False) if len(df) else "(no entries)")
+        return {"root": str(store.root), "n_entries": len(df)}
+    return {"root": str(store.root), "n_entries": len(df), "entries": _records(df)}
+
+
+def cmd_rm(a: argparse.Namespace) -> dict:
+    store = _store(a)
+    keys = [store.resolve_key(k) for k in a.keys]  # all resolved before anything is removed
+    for k in keys:
+        store.rm(k)
+    return {"root": str(store.root), "removed": keys}
+
+
+def cmd_verify(a: argparse.Namespace) -> dict:
+    store = _store(a)
+    bad = store.verify(a.key, show_progress=not a.quiet)
+    n = len(store.keys()) if a.key is None else 1
+    result = {"root": str(store.root), "entries_checked": n, "n_problems": len(bad), "problems": _records(bad)}
+    if len(bad):
+        if a.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(bad.to_string(index=False))
+        raise WorkbenchError(
+            f"{len(bad)} corrupted file(s) or shard(s) in {bad['key'].nunique()} entr(y/ies); remove them with "
+            f"`workbench cache rm KEY` and recompute"
+        )
+    return result
+
+
+def _parse_positions(s: str):
+    if re.fullmatch(r"\s*-\d+(\s*,\s*-\d+)*\s*", s):
+        return [int(x) for x in s.split(",")]
+    return s
+
+
+def _read_prompts(path: str) -> list:
+    from .data import read_jsonl
+
+    if path.endswith(".jsonl"):
+        rows = read_jsonl(path)
+        bad = [i for i, r in enumerate(rows) if not isinstance(r.get("prompt"), str)]
+        if bad:
+            raise WorkbenchError(f"{path}: rows {bad[:5]} have no 'prompt' string")
+        return rows
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return [line.rstrip("\n") for line in fh if line.strip()]
+    except OSError as exc:
+        raise WorkbenchError(f"cannot read prompt file {path!r}: {exc.strerror}") from None
+
+
+def cmd_compute(a: argparse.Namespace) -> dict:
+    from .models import load_model
+    from .store import get_or_compute
+
+    if a.prompts:
+        prompts = _read_prompts(a.prompts)
+    else:
+        from .data import organism_rows
+
+        rows = organism_rows(a.split)
+        if a.category:
+            rows = [r for r in rows if r.get("category") == a.category]
+            if not rows:
+                raise WorkbenchError(f"no prompts of category {a.category!r} in split {a.split!r}")
+        prompts = rows
+    if a.limit is not None:
+        prompts = prompts[:a.limit]
+    model = load_model(a.model, device=a.device, dtype=a.dtype)
+    hooks = [h.strip() for h in a.hooks.split(",") if h.strip()]
+    entry = get_or_compute(model, prompts, hooks=hooks, positions=_parse_positions(a.positions), dtype=a.cache_dtype,
+                           store=_store(a), batch_size=a.batch_size, system=a.system, show_progress=not a.quiet)
+    from .store.core import summarise_hooks
+
+    return {"key": entry.key, "path": str(entry.path), "n_prompts": entry.n_prompts, "positions": entry.positions,
+            "dtype": entry.dtype, "hooks": summarise_hooks(entry.hook_names), "n_hooks": len(entry.hook_names)}
+
+
+def cmd_bench(a: argparse.Namespace) -> dict:
+    from .store.bench import run_benchmark
+
+    return run_benchmark(n_prompts=a.n_prompts, batch_size=a.batch_size, repeats=a.repeats, rss_prompts=a.rss_prompts,
+                         organism=not a.no_organism, threads=a.threads)
+
+
+def register(sub, bench_sub) -> None:
+    """Add ``workbench cache ...`` to ``sub`` and ``workbench bench cache`` to ``bench_sub``."""
+    from .cli import add_common_args
+
+    p = sub.add_parser("cache", help="the shared activation cache store (ls, rm, verify, compute)")
+    csub = p.add_subparsers(dest="cache_command", required=True)
+
+    c = csub.add_parser("ls", help="list the entries of the store")
+    add_common_args(c, model=False)
+    _root(c)
+    c.set_defaults(func=cmd_ls)
+
+    c = csub.add_parser("rm", help="remove entries (by key or unique key prefix)")
+    c.add_argument("keys", nargs="+")
+    add_common_args(c, model=False)
+    _root(c)
+    c.set_defaults(func=cmd_rm)
+
+    c = csub.add_parser("verify", help="check every checksum (one entry or all); exit status 2 on corruption")
+    c.add_argument("key", nargs="?", default=None)
+    add_common_args(c, model=False)
+    _root(c)
+    c.set_defaults(func=cmd_verify)
+
+    c = csub.add_parser("compute", help="compute (or find) the activations of a prompt split")
+    add_common_args(c)
+    _root(c)
+    c.add_argument("--split", default="test", choices=["train", "val", "test"], help="organism split (default test)")
+    c.add_argument("--category", default=None, help="only this category of the split (harmful, benign...)")
+    c.add_argument("--prompts", default=None, help="a .jsonl file with a 'prompt' field (other fields kept as "
+                   "metadata) or a text file with one prompt per line, instead of an organism split")
+    c.add_argument("--limit", type=int, default=None, help="at most this many prompts")
+    c.add_argument("--hooks", default="resid_pre", help="comma-separated hook names or aliases, e.g. "
+                   "'resid_pre,mlp_out.3,blocks.2.hook_attn_out' (default resid_pre: every layer)")
+    c.add_argument("--positions", default="post_instruction",
+                   help="last, post_instruction (default), last_k(K), all, or offsets like -3,-1")
+    c.add_argument("--cache-dtype", default="float32", help="storage dtype: float32 (default), bfloat16, float16")
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--system", default=None, help="system prompt")
+    c.set_defaults(func=cmd_compute)
+
+    b = bench_sub.add_parser("cache", help="store vs bare forward vs run_with_cache; peak RSS at 1x and 4x prompts")
+    add_common_args(b, model=False)
+    b.add_argument("--n-prompts", type=int, default=32)
+    b.add_argument("--batch-size", type=int, default=16)
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--rss-prompts", type=int, default=64, help="prompts of the 1x RSS run (4x runs 4 times as many)")
+    b.add_argument("--no-organism", action="store_true", help="only the random-weight Llama")
+    b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    b.set_defaults(func=cmd_bench)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from .cli import main
+
+    sys.exit(main(["cache", *sys.argv[1:]]))
