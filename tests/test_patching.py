@@ -296,8 +296,8 @@ def test_cli_patch_json(model3, tmp_path, capsys):
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["n_pairs"] == 2
-    assert set(out["components"]) == {"resid_pre", "z_layer_head"}
-    assert -1.0 <= out["pearson_attribution_vs_exact"]["z_layer_head"] <= 1.0
+    assert set(out["components"]) == {"resid_pre", "heads"}
+    assert -1.0 <= out["pearson_attribution_vs_exact"]["heads"] <= 1.0
     assert out["subspace"]["layer"] == 1 and out["subspace"]["illusion_check"]["null_dim"] == 0
     rc = main(["patch", "--model", model_dir, "--pairs", str(path), "--components", "resid_post", "--quiet",
                "--no-store"])

@@ -18,7 +18,7 @@ from .attribution import attribution_patch, compare
 from .exact import PatchResult, PatchingRuns, exact_patch, first_layer_above, prepare
 from .metrics import Metric
 from .pairs import PromptPairs
-from .sites import hook_name, resolve
+from .sites import ALIASES, hook_name, resolve
 from .subspace import illusion_check, subspace_patch
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,11 @@ DEFAULT_COMPONENTS = ("resid_pre", "attn_out", "mlp_out", "heads")
 
 @dataclass
 class PatchingReport:
-    """What :func:`run_patching` computed: a JSON-able ``summary`` and the full results."""
+    """What :func:`run_patching` computed: a JSON-able ``summary`` and the full results.
+
+    ``exact`` and ``attribution`` are keyed by the component names as passed (``"resid_pre"``, ``"heads"``...;
+    ``"z"`` becomes ``"z_<grid>"``).
+    """
 
     summary: dict
     exact: dict[str, PatchResult] = field(default_factory=dict)
@@ -116,7 +120,8 @@ def run_patching(
         :class:`PatchingReport`.
     """
     t0 = time.perf_counter()
-    comps = [resolve(c) for c in components]
+    names = list(components)
+    comps = [resolve(c) for c in names]
     runs = pairs if isinstance(pairs, PatchingRuns) else prepare(
         model, pairs, metric, [c for c, _ in comps], clean_cache=clean_cache)
     summary: dict = {
@@ -132,8 +137,8 @@ def run_patching(
         "components": {},
     }
     report = PatchingReport(summary)
-    for comp, grid in comps:
-        key = comp if comp != "z" else f"z_{grid}"
+    for name, (comp, grid) in zip(names, comps):
+        key = name if comp != "z" or name in ALIASES else f"z_{grid}"   # "heads" stays "heads"
         ex = exact_patch(model, runs, comp, grid, mode, engine=engine, show_progress=show_progress)
         report.exact[key] = ex
         entry = {
