@@ -75,6 +75,8 @@ class Run:
     resume_ok: bool | None = None  # set by the engine's self-check
     resume_error: float | None = None
     block_overhead_tokens: float | None = None  # cost of one block call, in token-positions of compute
+    forward_seconds: float | None = None         # wall time of the captured forward
+    small_block_seconds: float | None = None     # wall time of one block call on a few positions (self-check)
 
     @property
     def n_pos(self) -> int:
@@ -123,6 +125,7 @@ def capture_run(model, tokens: Tensor, attention_mask: Tensor | None, hook_names
                 kwargs_seen[j] = dict(kwargs)
             handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
     mask = _mask_arg(attention_mask)
+    t0 = time.perf_counter()
     try:
         with model.hooks(fwd_hooks=[(n, keeper(n)) for n in sorted(names)]):
             cache = None
@@ -143,6 +146,8 @@ def capture_run(model, tokens: Tensor, attention_mask: Tensor | None, hook_names
         raise WorkbenchError(f"the model exposes no hook {missing[0]!r} (and {len(missing) - 1} more); "
                              "is it a TransformerBridge over a decoder-only model?")
     run = Run(tokens, attention_mask, logits[:, -1].float(), acts)
+    _sync(tokens.device)
+    run.forward_seconds = time.perf_counter() - t0
     if resumable:
         kv = _kv_from_cache(cache, n_layers)
         if kv is not None and all(k is not None for k in kwargs_seen):
@@ -407,7 +412,11 @@ def check_resume(model, run: Run) -> bool:
         rows = Rows(torch.arange(n), torch.zeros(n, dtype=torch.long), torch.full((n,), s0),
                     torch.zeros(n, t, dtype=torch.bool)).to(dev)
         try:
+            _sync(dev)
+            t0 = time.perf_counter()
             logits = _resume_chunk(model, run, None, rows, torch.arange(n, device=dev), s0, _SiteState())
+            _sync(dev)
+            run.small_block_seconds = (time.perf_counter() - t0) / max(1, int(model.cfg.n_layers))
             ref = run.logits_last
             err = float((logits - ref).abs().max())
             half = run.resid_pre(0).dtype in (torch.float16, torch.bfloat16)
@@ -433,20 +442,30 @@ def _sync(device) -> None:
 def measure_block_overhead(model, run: Run, reps: int = 3) -> float:
     """How many token-positions of compute one block call's fixed overhead is worth (Python, hooks, kernels).
 
-    Times block 0 on every pair at one position and at all positions (median of ``reps``); the planner uses
-    the ratio to decide how many start positions to merge into one block call.
+    Times block 0 on every pair at one position and at all positions (medians), growing the second batch up to
+    ~1k positions while overhead still dominates it; the planner uses the ratio to decide how many start
+    positions to merge into one block call. Cached on ``run``.
     """
     if run.block_overhead_tokens is not None:
         return run.block_overhead_tokens
     n, t = int(run.tokens.shape[0]), run.n_pos
+    n_layers = int(model.cfg.n_layers)
+    if run.forward_seconds and run.small_block_seconds:
+        # free estimate from timings already taken: the captured forward (n x t positions per block) and
+        # the self-check (a few positions per block); measured afresh only when they are not conclusive
+        small, big = run.small_block_seconds, run.forward_seconds / n_layers
+        if big >= 2 * small:
+            per_token = (big - small) / (n * t)
+            run.block_overhead_tokens = float(min(max(small / per_token, 1.0), 4096.0))
+            return run.block_overhead_tokens
     dev = model_device(model)
 
-    def timed(start: int, copies: int = 1) -> float:
+    def timed(start: int, copies: int = 1, n_reps: int = reps) -> float:
         pairs = torch.arange(n, device=dev).repeat(copies)
         h = run.resid_pre(0)[pairs, start:]
         kwargs = _resume_kwargs(run, 0, pairs, start)
         times = []
-        for _ in range(reps):
+        for _ in range(n_reps):
             _sync(dev)
             t0 = time.perf_counter()
             model.blocks[0](h, **kwargs)
@@ -456,13 +475,15 @@ def measure_block_overhead(model, run: Run, reps: int = 3) -> float:
 
     small = timed(t - 1)
     copies = 1
-    big = timed(0, copies)
-    # grow the timed batch until compute, not overhead, dominates it (small models), up to ~4k positions
-    while big < 2 * small and n * t * copies * 4 <= 4096:
+    big = timed(0, copies, 2)
+    # grow the timed batch until compute, not overhead, dominates it (small models), up to ~1k positions;
+    # if it never does, the overhead is at least that many positions' worth of compute
+    while big < 2 * small and n * t * copies * 4 <= 1024:
         copies *= 4
-        big = timed(0, copies)
-    per_token = max(big - small, 1e-9) / max(1, n * t * copies - n)
-    run.block_overhead_tokens = float(min(max(small / per_token, 1.0), 1e7))
+        big = timed(0, copies, 2)
+    positions = n * t * copies
+    per_token = max(big - small, 1e-9) / positions
+    run.block_overhead_tokens = float(min(max(small / per_token, 1.0), 4.0 * max(positions, 1024)))
     return run.block_overhead_tokens
 
 
