@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -605,42 +605,3 @@ def run_rows(model, run: Run, patch: Patch, rows: Rows, metric: Callable[[Tensor
             logits = _resume_chunk(model, run, patch, rows, ids, start, state)
             out[ids.cpu()] = metric(logits).detach().float().cpu()
     return out
-
-
-@dataclass
-class RowsBuilder:
-    """Collects rows cell by cell; rows that cannot change anything are recorded as skipped."""
-
-    n_pos: int
-    n_heads: int | None = None
-    pair: list[int] = field(default_factory=list)
-    layer: list[int] = field(default_factory=list)
-    start: list[int] = field(default_factory=list)
-    cell: list[int] = field(default_factory=list)
-    masks: list[Tensor] = field(default_factory=list)
-    heads: list[int] = field(default_factory=list)
-
-    def add(self, cell: int, pair: int, layer: int, pos_mask: Tensor, first_diff: int, head: int | None = None) -> None:
-        live = pos_mask.clone()
-        live[:first_diff] = False
-        if not bool(live.any()):
-            return  # patching identical activations: the row equals the base run
-        self.cell.append(cell)
-        self.pair.append(pair)
-        self.layer.append(layer)
-        self.start.append(int(torch.nonzero(live)[0]))
-        self.masks.append(pos_mask)
-        if head is not None:
-            self.heads.append(head)
-
-    def build(self) -> tuple[Rows, Tensor]:
-        """``(rows, cell index of each row)``."""
-        n = len(self.pair)
-        pos_mask = torch.stack(self.masks) if n else torch.zeros(0, self.n_pos, dtype=torch.bool)
-        head_mask = None
-        if self.n_heads is not None:
-            head_mask = torch.zeros(n, self.n_heads, dtype=torch.bool)
-            if n:
-                head_mask[torch.arange(n), torch.as_tensor(self.heads)] = True
-        t = lambda x: torch.as_tensor(x, dtype=torch.long)  # noqa: E731
-        return Rows(t(self.pair), t(self.layer), t(self.start), pos_mask, head_mask), t(self.cell)
