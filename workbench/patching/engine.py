@@ -457,7 +457,9 @@ def measure_block_overhead(model, run: Run, reps: int = 3) -> float:
         if big >= 2 * small:
             per_token = (big - small) / (n * t)
             run.block_overhead_tokens = float(min(max(small / per_token, 1.0), 4096.0))
-            return run.block_overhead_tokens
+        else:  # overhead-bound even on the whole batch: a block call is worth at least ~that many positions
+            run.block_overhead_tokens = float(min(max(2.0 * n * t * small / max(big, 1e-9), 1.0), 4096.0))
+        return run.block_overhead_tokens
     dev = model_device(model)
 
     def timed(start: int, copies: int = 1, n_reps: int = reps) -> float:
