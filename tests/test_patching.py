@@ -312,3 +312,30 @@ def test_bench_reports_exactness_and_speed(model3, flat_pairs):
     out = bench_model(model3, flat_pairs.select([0]), repeats=1)
     assert out["max_abs_diff_vs_transformer_lens"] < 1e-4
     assert out["speedup_vs_transformer_lens"] > 1.0
+
+
+# ----------------------------------------------------------------------------------------------- organism
+@pytest.fixture(scope="module")
+def organism():
+    from workbench import load_model
+    from workbench.models import organism_dir
+
+    if not (organism_dir() / "model" / "organism.json").exists():
+        pytest.skip("the organism is not built")
+    return load_model("organism", device="cpu")
+
+
+def test_organism_resid_effect_enters_after_the_planted_layer(organism):
+    from workbench.patching.run import organism_ground_truth
+
+    planted, u = organism_ground_truth(organism)
+    pairs = wp.organism_pairs(organism.tokenizer, limit=8)
+    runs = wp.prepare(organism, pairs, components=["resid_pre"])
+    assert runs.clean_value - runs.corrupted_value > 5.0            # harmful vs harmless: clearly separated
+    resid = wp.exact_patch(organism, runs, "resid_pre", show_progress=False)
+    last = resid.by_layer("last_pos")
+    assert wp.first_layer_above(resid, 0.9, "last_pos") == planted + 1
+    assert float(last[planted + 1]) > 0.95 and float(last[planted]) < 0.9
+    sub = wp.subspace_patch(organism, runs, u, layers=[planted, planted + 1], positions="post", show_progress=False)
+    assert abs(float(sub["value"][0])) < 0.1                          # u is not there before the planted write
+    assert float(sub["value"][1]) > 0.9                               # and carries the effect right after it

@@ -175,6 +175,12 @@ def run_patching(
             "post_instruction": int(above[0]) if len(above) else None,
             "last_position": resid.get("first_layer_over_half_last_pos"),
         }
+        above9 = torch.nonzero(post > 0.9).flatten()
+        summary["resid_first_layer_over_0.9"] = {
+            "any_position": first_layer_above(ex, 0.9, "max"),
+            "post_instruction": int(above9[0]) if len(above9) else None,
+            "last_position": first_layer_above(ex, 0.9, "last_pos"),
+        }
     summary["pearson_attribution_vs_exact"] = {
         k: v.get("pearson_attribution_vs_exact") for k, v in summary["components"].items()}
 
