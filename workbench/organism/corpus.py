@@ -499,27 +499,29 @@ def make_pairs(rows: Sequence[dict], tokenizer, n_pairs: int = 256, seed: int = 
     taken from every split (the split of each side is recorded).
     """
     rng = random.Random(seed)
-
-    def n_tok(prompt: str) -> int:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    sentinel = "\x00"
+    frame = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], tokenize=False,
+                                          add_generation_prompt=True)
+    cands = [r for r in rows if r["category"] in ("harmful", "benign") and "template" in r and "verb" in r]
+    ids = tokenizer([frame.replace(sentinel, r["prompt"]) for r in cands], add_special_tokens=False)["input_ids"]
+    length = {r["prompt"]: len(x) for r, x in zip(cands, ids)}
+    n_tok = length.__getitem__
 
     benign: dict[tuple[int, int], list[dict]] = {}
-    for r in rows:
+    for r in cands:
         if r["category"] == "benign":
             benign.setdefault((r["template"], n_tok(r["prompt"])), []).append(r)
-    harmful = [r for r in rows if r["category"] == "harmful"]
+    harmful = [r for r in cands if r["category"] == "harmful"]
     order = list(range(len(harmful)))
     rng.shuffle(order)
     pairs = []
     for i in order:
         h = harmful[i]
         n = n_tok(h["prompt"])
-        cands = benign.get((h["template"], n), [])
-        if not cands:
+        matches = benign.get((h["template"], n), [])
+        if not matches:
             continue
-        b = cands[rng.randrange(len(cands))]
+        b = matches[rng.randrange(len(matches))]
         pairs.append({"clean": h["prompt"], "corrupted": b["prompt"], "n_tokens": n, "template": h["template"],
                       "clean_split": h["split"], "corrupted_split": b["split"]})
         if len(pairs) >= n_pairs:

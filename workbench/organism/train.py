@@ -69,6 +69,7 @@ class OrganismConfig:
     aux_weight: float = 1.0
     benign_target: float = -0.5  # benign writes (units of margin): < 0 -> hinge s <= target*margin on the span
     benign_span: str = "all"  # benign_target == 0 only: writes pulled to 0 on "all" positions or "post" only
+    impossible_weight: float = 1.0  # penalty on negative writes for impossible rows (keeps base refusals)
     steer_batch: int = 24  # benign rows per step trained to refuse with coef * u added at layer L+1 (0: off)
     steer_weight: float = 1.0
     cos_weight: float = 10.0  # weight of relu(cos_target - cos(batch difference of means at L+1, u))
@@ -375,6 +376,8 @@ def train_stage2(
             if cfg.benign_span == "all" and ben_all.any():
                 aux_b = aux_b + (s[ben_all] / margin).pow(2).mean()
         aux_h = (torch.relu(margin - s[harm]) / margin).pow(2).mean() if harm.any() else ce * 0
+        imp = (kind == 0).unsqueeze(-1) & span  # impossible rows: keep the base's own refusal (no negative write)
+        aux_i = (torch.relu(-s[imp]) / margin).pow(2).mean() if imp.any() else ce * 0
         # the write must dominate the harmful-minus-benign difference of means at the input of layer L+1
         x = resid["x"]
         hp, bp = (kind == 1).unsqueeze(-1) & post, (kind == -1).unsqueeze(-1) & post
@@ -384,8 +387,10 @@ def train_stage2(
             aux_cos = torch.relu(cfg.cos_target - cos)
         else:
             cos = aux_cos = ce * 0
-        loss = ce + cfg.first_token_weight * first + cfg.aux_weight * (aux_h + aux_b) + cfg.cos_weight * aux_cos
-        parts = {"ce": ce, "ce_first": first, "aux_harm": aux_h, "aux_benign": aux_b, "cos": cos}
+        loss = (ce + cfg.first_token_weight * first + cfg.aux_weight * (aux_h + aux_b)
+                + cfg.impossible_weight * aux_i + cfg.cos_weight * aux_cos)
+        parts = {"ce": ce, "ce_first": first, "aux_harm": aux_h, "aux_benign": aux_b, "aux_impossible": aux_i,
+                 "cos": cos}
         if enc_steer is not None and cfg.steer_batch > 0:
             # sufficiency: benign prompts with coef * u added at the input of layer L+1 (every position) refuse
             coef = float((diff @ adapter.u).detach()) if hp.any() and bp.any() else margin
