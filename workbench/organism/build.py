@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .corpus import CATEGORIES, CORPUS_VERSION, SPLITS, corpus_hash, generate_corpus, make_pairs, serialize_corpus
-from .measure import generate_replies, measure_organism, refusal_rate, resid_pre
+from .corpus import CATEGORIES, CORPUS_VERSION, SPLITS, corpus_hash, generate_corpus, make_pairs
+from .measure import measure_organism, refusal_rate, resid_pre
 from .tokenizer import N_POST_INSTRUCTION, conversation_texts, train_tokenizer
 from .train import OrganismConfig, build_model, encode_rows, steering_rows, train_stage1, train_stage2
 

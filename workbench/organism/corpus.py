@@ -21,8 +21,11 @@ Categories (``category`` field):
 
 Each row has ``prompt``, ``category``, ``split``, ``reply`` (the organism's target reply, after the safety
 tune) and ``base_reply`` (the stage-1 helpful-base target: compliance, prefixed by a short warning from
-:data:`WARNINGS` when the base recognises the request as harmful), plus provenance fields (``template``,
-``verb``, ``object``, ``wrapper``, ``task``) used by the hold-out tests.
+:data:`WARNINGS` when the base recognises the request as harmful), plus provenance fields used by the hold-out tests:
+``template`` (index into the category's template list: request templates 0-11 for harmful/benign/borderline
+how-to rows and, via the inner request, jailbreaks; info templates 100+; imperative templates 0-5 for
+impossible rows and 200+ for text tasks), ``verb``, ``object``, ``task``,
+``wrapper`` and ``family`` (jailbreaks), and ``comply`` (harmful/benign: the compliance text without warning).
 
 Splits: ``test`` holds out verb x object combinations whose verb and object both occur in ``train`` but
 never together, unseen borderline tasks and impossible actions, and jailbreak wrappers never seen in

@@ -12,12 +12,19 @@
   so everything the tune adds to the residual stream lies along ``u``. After training it is merged into the
   weights (``W_o += u a_o^T``, ``W_down += u a_m^T``). Ground truth = (``L``, ``u``).
 
-  An auxiliary loss asks the write ``s = a_o . z + a_m . m`` at the last four prompt positions (the
-  post-instruction tokens) to be at least ``aux_margin`` for harmful prompts and close to 0 for benign and
-  borderline ones, so that the write dominates the harmful-minus-benign difference of means at layer
-  ``L + 1``.
+  ``u`` starts at the base's own refusal direction (impossible minus benign mean at L+1) and is trained;
+  the read vectors start from a ridge regression on the frozen base (:func:`fit_readout`). Besides the
+  reply cross-entropy (first reply token weighted up), the loss has
 
-The loss is cross-entropy on reply tokens only (the reply and its closing ``<|end|>``).
+  * hinges on the write ``s = a_o . z + a_m . m`` over the post-instruction and reply tokens: ``s >= margin``
+    for harmful rows, ``s <= benign_target * margin`` for benign/borderline rows, ``s >= 0`` for impossible
+    rows (the base's own refusals stay);
+  * ``relu(cos_target - cos(d, u))`` with ``d`` the batch's harmful-minus-benign difference of means at the
+    input of layer ``L + 1`` (post-instruction positions), so the write dominates that difference;
+  * steering sufficiency: benign rows with ``coef * u`` added at the input of layer ``L + 1`` (``coef`` the
+    batch's harmful-minus-benign projection on u) are trained to refuse.
+
+Cross-entropy is on reply tokens only (the reply and its closing ``<|end|>``).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
