@@ -420,6 +420,8 @@ def test_selected_direction_matches_organism_ground_truth():
     cos = float(wd.unit(sel.direction.vector) @ wd.unit(gt))
     assert cos >= 0.9, f"cos with the planted direction {cos:.3f} (selected layer {sel.direction.layer})"
     assert sel.direction.scores["kl"] <= 0.1
+    # ablating it flips the mean refusal log-odds of harmful val prompts from refusing to complying
+    assert sel.direction.scores["base_harmful_score"] > 0 > sel.direction.scores["bypass_score"]
 
 
 def test_cli_directions_on_a_tiny_organism(tmp_path, tiny_dir, monkeypatch, capsys):
