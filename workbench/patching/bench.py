@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import statistics
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -56,6 +58,21 @@ def same_length_pairs(tokenizer, clean: list[str], corrupted: list[str], n_pairs
         if len(keep) >= n_pairs:
             break
     return make_pairs(tokenizer, [pairs.clean[i] for i in keep], [pairs.corrupted[i] for i in keep])
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Send file descriptor 1 to stderr (the tokenizer trainer writes progress straight to fd 1), so that
+    ``--json`` output stays clean."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 @contextlib.contextmanager
@@ -146,8 +163,9 @@ def bench_patch(models: tuple[str, ...] = ("organism", "random512"), n_pairs: in
         for name in models:
             try:
                 if name == "random512":
-                    path = make_tiny_chat_model(Path(tmp) / "random512", d_model=512, n_layers=8, n_heads=8,
-                                                n_kv_heads=4, d_mlp=1376)
+                    with _stdout_to_stderr():
+                        path = make_tiny_chat_model(Path(tmp) / "random512", d_model=512, n_layers=8, n_heads=8,
+                                                    n_kv_heads=4, d_mlp=1376)
                     model = load_model(str(path), device=device)
                 else:
                     model = load_model(name, device=device)
