@@ -143,3 +143,30 @@ def test_bad_controller_files_and_sets(tmp_path, tiny_model, direction):
         build_training_set(tiny_model, [], [], cfg)
     with pytest.raises(WorkbenchError, match="out of range"):
         fixed_plan(direction, 1.0, 2, layers=[3])
+
+
+def test_reply_cross_entropy_matches_steered_generation(tiny_model, direction):
+    """Teacher-forced steered CE of a steered greedy reply == the generation's own log-probs (KV cache)."""
+    from workbench.evaluate import reply_cross_entropy
+
+    n = int(tiny_model.cfg.n_layers)
+    plan = fixed_plan(direction, 3.0, n)
+    prompts = BEN[:3]
+    batch = tokenize_chat(tiny_model.tokenizer, prompts)
+    hooks, _ = plan.hooks_for(tiny_model, batch)
+    with torch.no_grad(), tiny_model.hooks(fwd_hooks=hooks):
+        out = tiny_model.original_model.generate(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=5, min_new_tokens=5,
+            do_sample=False, pad_token_id=tiny_model.tokenizer.pad_token_id, eos_token_id=None,
+            return_dict_in_generate=True, output_logits=True)
+    new = out.sequences[:, batch.input_ids.shape[1]:]
+    logp = torch.log_softmax(torch.stack(out.logits, 1).float(), -1)
+    expected = -logp.gather(-1, new[..., None])[..., 0].mean(1)
+    got = reply_cross_entropy(tiny_model, prompts, new.tolist(), plan)
+    assert torch.allclose(got, expected, atol=1e-4), (got, expected)
+    plain = reply_cross_entropy(tiny_model, prompts, new.tolist())
+    assert (plain - got).abs().max() > 1e-3  # steering changes the CE of these replies
+    zero = reply_cross_entropy(tiny_model, prompts, new.tolist(), fixed_plan(direction, 0.0, n))
+    assert torch.allclose(zero, plain, atol=1e-6)
+    with pytest.raises(WorkbenchError, match="replies"):
+        reply_cross_entropy(tiny_model, prompts, ["x"])

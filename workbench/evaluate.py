@@ -89,3 +89,52 @@ def first_token_kl(reference: Evaluation, steered: Evaluation, category: str | N
     rows = slice(None) if category is None else torch.tensor((reference.table["category"] == category).to_numpy())
     p, q = reference.logprobs[rows], steered.logprobs[rows]
     return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def reply_cross_entropy(
+    model,
+    prompts: Sequence[str],
+    replies: Sequence[str] | Sequence[Sequence[int]],
+    plan=None,
+    batch_size: int = 32,
+    system: str | None = None,
+) -> torch.Tensor:
+    """Teacher-forced cross-entropy (nats per token) of ``replies`` given ``prompts``, optionally steered.
+
+    The replies are usually the *unsteered* greedy replies; their CE under a steering ``plan`` versus without
+    one measures how much steering disturbs normal answers (the issue's "CE of benign replies"). The plan's
+    steering covers the last prompt token and every reply position, exactly as in steered generation.
+    ``replies`` are texts (tokenised without special tokens) or token id lists.
+
+    Returns:
+        ``Float[Tensor, "prompt"]``: mean CE over each reply's tokens (NaN for an empty reply).
+    """
+    if len(prompts) != len(replies):
+        raise WorkbenchError(f"{len(prompts)} prompts but {len(replies)} replies")
+    tok = model.tokenizer
+    device = next(model.parameters()).device
+    out: list[torch.Tensor] = []
+    for s in range(0, len(prompts), batch_size):
+        batch = tokenize_chat(tok, list(prompts[s:s + batch_size]), system)
+        reply_ids = [tok(r, add_special_tokens=False)["input_ids"] if isinstance(r, str) else list(r)
+                     for r in replies[s:s + batch_size]]
+        width = max(1, max(len(r) for r in reply_ids))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        r_ids = torch.full((len(reply_ids), width), pad, dtype=batch.input_ids.dtype)
+        r_mask = torch.zeros_like(r_ids)
+        for i, r in enumerate(reply_ids):
+            r_ids[i, :len(r)] = torch.tensor(r, dtype=r_ids.dtype)
+            r_mask[i, :len(r)] = 1
+        ids = torch.cat([batch.input_ids, r_ids], 1).to(device)
+        mask = torch.cat([batch.attention_mask, r_mask], 1).to(device)
+        n_prompt = batch.input_ids.shape[1]
+        hooks = []
+        if plan is not None:
+            hooks, _ = plan.hooks_for(model, batch, start=n_prompt - 1)
+        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+            logits = model(ids, attention_mask=mask)
+        logp = torch.log_softmax(logits[:, n_prompt - 1:-1].float(), -1)
+        nll = -logp.gather(-1, r_ids.to(device)[..., None])[..., 0]
+        m = r_mask.to(device).float()
+        out.append(((nll * m).sum(1) / m.sum(1)).cpu())
+    return torch.cat(out)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..chat import ChatBatch
-from ..evaluate import Evaluation, evaluate_refusal, first_token_kl
+from ..evaluate import Evaluation, evaluate_refusal, first_token_kl, reply_cross_entropy
 from ..progress import progress
 from .controller import Controller, ControllerConfig
 from .steer import SteeringPlan, controller_inputs, controller_plan, fixed_plan, gated_plan
@@ -115,7 +115,8 @@ def compare_methods(
         centroid_direction: the embedding-centroid direction for ``official_equivalent``.
 
     Returns:
-        ``{"methods": {name: {"refusal_rate": {...}, "kl_benign": x}}, "tables": {name: DataFrame},
+        ``{"methods": {name: {"refusal_rate": {...}, "kl_benign": x, "ce_benign": x, "ce_benign_delta": x}},
+        "tables": {name: DataFrame},
         "curves": DataFrame, "controllers": {name: Controller}, "choices": {...}}``.
     """
     cc = cc or CompareConfig()
@@ -192,10 +193,21 @@ def compare_methods(
     results, tables = {}, {}
     reference = evaluate_refusal(model, test, cc.max_new_tokens, cc.batch_size, keep_logprobs=True,
                                  show_progress=show_progress)
+    ben = reference.table[reference.table["category"] == "benign"]
+    ce_ref = None
     for name, plan in plans.items():
         ev = reference if plan is None else evaluate_refusal(
             model, test, cc.max_new_tokens, cc.batch_size, plan=plan, keep_logprobs=True, show_progress=show_progress)
         tables[name] = ev.table.assign(method=name)
         results[name] = {"refusal_rate": _rates(ev), "kl_benign": round(first_token_kl(reference, ev, "benign"), 5)}
+        if len(ben):
+            # CE of the unsteered benign replies, teacher-forced, with and without this method's steering
+            ce = reply_cross_entropy(model, list(ben["prompt"]), list(ben["reply"]), plan, cc.batch_size)
+            ce = float(ce.nanmean())
+            ce_ref = ce if plan is None else ce_ref
+            results[name]["ce_benign"] = round(ce, 5)
+    if ce_ref is not None:
+        for r in results.values():
+            r["ce_benign_delta"] = round(r["ce_benign"] - ce_ref, 5)
     return {"methods": results, "tables": tables, "curves": pd.concat(curves) if curves else pd.DataFrame(),
             "controllers": controllers, "choices": choices}

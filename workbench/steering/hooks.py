@@ -26,7 +26,8 @@ def hook_name(alias: str, layer: int) -> str:
 
 
 def steering_hooks(
-    coeffs: Tensor, direction: Tensor, hook: str = "resid_pre", all_positions: bool = False
+    coeffs: Tensor, direction: Tensor, hook: str = "resid_pre", all_positions: bool = False,
+    start: int | None = None,
 ) -> list[tuple[str, Callable]]:
     """Hooks adding ``coeffs[b, l] * direction`` to layer ``l``'s residual stream of row ``b``.
 
@@ -35,6 +36,8 @@ def steering_hooks(
             a single row broadcasts over any batch.
         direction: ``Float[Tensor, "d_model"]``, used as given (pass a unit vector).
         all_positions: edit every position instead of the last one only (ActAdd-style).
+        start: edit positions ``start:`` instead of the last one only: with ``start`` = index of the last
+            prompt token, a teacher-forced forward over prompt + reply is steered exactly as generation is.
     """
     if coeffs.ndim != 2:
         raise WorkbenchError(f"coeffs must be [batch, n_layers], got shape {tuple(coeffs.shape)}")
@@ -50,6 +53,9 @@ def steering_hooks(
             if all_positions:
                 return act + c[:, None, None] * d
             out = act.clone()
+            if start is not None:
+                out[:, start:] = out[:, start:] + c[:, None, None] * d
+                return out
             out[:, -1] = out[:, -1] + c[:, None] * d
             return out
 

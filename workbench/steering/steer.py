@@ -71,9 +71,10 @@ class SteeringPlan:
     coeffs: Callable[[object, ChatBatch], tuple[Tensor, dict]]
     hook: str = "resid_pre"
 
-    def hooks_for(self, model, batch: ChatBatch):
+    def hooks_for(self, model, batch: ChatBatch, start: int | None = None):
+        """Hooks for ``batch`` (and per-row info); ``start``: steer positions ``start:`` (teacher forcing)."""
         coeffs, info = self.coeffs(model, batch)
-        return steering_hooks(coeffs, self.direction, self.hook), info
+        return steering_hooks(coeffs, self.direction, self.hook, start=start), info
 
 
 def controller_plan(controller: Controller, direction: Tensor, name: str = "was") -> SteeringPlan:
