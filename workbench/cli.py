@@ -36,11 +36,24 @@ def cmd_evaluate(a: argparse.Namespace) -> dict:
     from .evaluate import evaluate_refusal
     from .models import load_model
 
+    if a.dataset:
+        from .datasets import prompt_sets
+
+        cats = a.category or []
+        if cats and len(cats) != len(a.dataset):
+            raise WorkbenchError(f"{len(a.dataset)} --dataset but {len(cats)} --category; give one per dataset or none")
+        sets: dict = {}
+        for i, src in enumerate(a.dataset):
+            got = prompt_sets(src, column=a.column, category=cats[i] if cats else None, limit=a.limit,
+                              split=a.dataset_split)
+            sets.update(got)
+    else:
+        sets = organism_splits(a.split, CATEGORIES, limit=a.limit)
     model = load_model(a.model, device=a.device, dtype=a.dtype)
-    sets = organism_splits(a.split, CATEGORIES, limit=a.limit)
     ev = evaluate_refusal(model, sets, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
-                          show_progress=not a.quiet)
-    out = {"model": a.model, "split": a.split, **ev.summary()}
+                          show_progress=not a.quiet, judge=a.judge)
+    source = {"datasets": a.dataset, "judge": ev.table.attrs.get("judge")} if a.dataset else {"split": a.split}
+    out = {"model": a.model, **source, **ev.summary()}
     if a.save:
         ev.table.to_json(a.save, orient="records", lines=True)
     return out
@@ -82,6 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--save", default=None, help="write per-prompt replies to this JSONL file")
+    p.add_argument("--dataset", action="append", default=None, metavar="NAME_OR_PATH",
+                   help="evaluate these prompts instead of the organism split (repeatable): a benchmark name "
+                        "(advbench, toxicchat, jailbreak, alpaca, xstest), NAME=FILE for a local copy, a "
+                        "CSV/JSON/JSONL/Parquet file or a hub dataset id")
+    p.add_argument("--column", default=None, help="prompt column of --dataset (default: the dataset's own)")
+    p.add_argument("--category", action="append", default=None,
+                   help="category name for each --dataset (default: benchmark name or file stem)")
+    p.add_argument("--dataset-split", default=None, help="hub split of --dataset (default: the benchmark's own)")
+    p.add_argument("--judge", default="substring",
+                   help="'substring' (default) or hf:DIR for a local sequence-classification judge")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("organism", help="the embedded model organism")

@@ -1,4 +1,5 @@
-"""Refusal evaluation: greedy replies judged by :func:`workbench.judge.is_refusal`, plus the refusal score."""
+"""Refusal evaluation: greedy replies judged for refusal (the substring judge :func:`workbench.judge.is_refusal`
+by default, or any :class:`workbench.judge.Judge`), plus the refusal score."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from .chat import tokenize_chat
 from .errors import WorkbenchError
 from .generation import Hook, generate_batch
-from .judge import is_refusal, refusal_score, refusal_token_ids
+from .judge import Judge, get_judge, refusal_score, refusal_token_ids
 from .progress import progress
 
 
@@ -42,6 +43,7 @@ def evaluate_refusal(
     show_progress: bool = True,
     plan=None,
     keep_logprobs: bool = False,
+    judge: Judge | str | None = None,
 ) -> Evaluation:
     """Generate greedy replies for every prompt set and judge them.
 
@@ -50,11 +52,16 @@ def evaluate_refusal(
         fwd_hooks: TransformerLens hooks active during generation (ablation, fixed steering...).
         plan: a :class:`workbench.steering.SteeringPlan` whose hooks depend on the batch (a controller or
             a gate); its per-row info (``s``, ``w``, ``gate``) becomes columns of the table.
+        judge: what decides ``refused``: a :class:`workbench.judge.Judge`, a name for
+            :func:`workbench.judge.get_judge` (``"substring"``, ``"hf:<classifier dir>"``), or ``None`` for the
+            substring judge.
 
     Returns:
         An :class:`Evaluation`; ``table`` has one row per prompt with ``category``, ``prompt``, ``reply``,
-        ``refused`` (substring judge) and ``refusal_score`` (log-odds of a refusal first token).
+        ``refused`` (the judge's verdict) and ``refusal_score`` (log-odds of a refusal first token);
+        ``table.attrs["judge"]`` names the judge.
     """
+    judge = get_judge(judge)  # built once (a classifier judge loads a model), shared by every batch
     if not prompt_sets or all(len(v) == 0 for v in prompt_sets.values()):
         raise WorkbenchError("evaluate_refusal needs at least one non-empty prompt set")
     ref_ids = refusal_token_ids(model.tokenizer)
@@ -70,14 +77,17 @@ def evaluate_refusal(
             hooks += plan_hooks
         replies, logits = generate_batch(model, batch, max_new_tokens, hooks)
         scores = refusal_score(logits, ref_ids).tolist()
+        verdicts = judge.judge([p for _, p in chunk], replies)
         if keep_logprobs:
             logprobs.append(torch.log_softmax(logits.float(), -1).cpu())
-        for i, ((cat, prompt), reply, score) in enumerate(zip(chunk, replies, scores)):
+        for i, ((cat, prompt), reply, score, refused) in enumerate(zip(chunk, replies, scores, verdicts)):
             row = {"category": cat, "prompt": prompt, "reply": reply,
-                   "refused": is_refusal(reply), "refusal_score": score}
+                   "refused": refused, "refusal_score": score}
             row.update({k: v[i] for k, v in info.items()})
             rows.append(row)
-    return Evaluation(pd.DataFrame(rows), torch.cat(logprobs) if keep_logprobs else None)
+    table = pd.DataFrame(rows)
+    table.attrs["judge"] = judge.name
+    return Evaluation(table, torch.cat(logprobs) if keep_logprobs else None)
 
 
 def first_token_kl(reference: Evaluation, steered: Evaluation, category: str | None = None) -> float:
