@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -283,19 +279,8 @@ with open(f"{sys.argv[4]}/rank{dist.get_rank()}.json", "w") as fh:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_process_torchrun_equals_single_process(tiny_model, tiny_dir, tmp_path):
-    script = tmp_path / "dist_worker.py"
-    script.write_text(_DIST_SCRIPT)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(script), str(tiny_dir), str(tmp_path / "dist"), json.dumps(PROMPTS), str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+def test_two_process_torchrun_equals_single_process(tiny_model, tiny_dir, tmp_path, torchrun):
+    proc = torchrun(_DIST_SCRIPT, tiny_dir, tmp_path / "dist", json.dumps(PROMPTS), tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in reports] == [0, 1] and {r["world"] for r in reports} == {2}

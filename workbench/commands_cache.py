@@ -117,6 +117,7 @@ def cmd_bench(a: argparse.Namespace) -> dict:
 
 def register(sub, bench_sub) -> None:
     """Add ``workbench cache ...`` to ``sub`` and ``workbench bench cache`` to ``bench_sub``."""
+    from .batching import parse_batch_size
     from .cli import add_common_args
 
     p = sub.add_parser("cache", help="the shared activation cache store (ls, rm, verify, compute)")
@@ -152,7 +153,8 @@ def register(sub, bench_sub) -> None:
     c.add_argument("--positions", default="post_instruction",
                    help="last, post_instruction (default), last_k(K), all, or offsets like -3,-1")
     c.add_argument("--cache-dtype", default="float32", help="storage dtype: float32 (default), bfloat16, float16")
-    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--batch-size", type=parse_batch_size, default=32,
+                   help="prompts per forward pass and shard, or 'auto' (from free memory, halved on out-of-memory)")
     c.add_argument("--system", default=None, help="system prompt")
     c.set_defaults(func=cmd_compute)
 

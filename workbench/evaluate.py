@@ -37,7 +37,7 @@ def evaluate_refusal(
     model,
     prompt_sets: Mapping[str, Sequence[str]],
     max_new_tokens: int = 24,
-    batch_size: int = 32,
+    batch_size: int | str | None = 32,
     fwd_hooks: Sequence[Hook] = (),
     system: str | None = None,
     show_progress: bool = True,
@@ -49,6 +49,8 @@ def evaluate_refusal(
 
     Args:
         prompt_sets: ``{category: prompts}``, e.g. :func:`workbench.data.organism_splits`.
+        batch_size: prompts per generation batch; ``"auto"`` or ``None``: sized from free memory and halved
+            on out-of-memory (:mod:`workbench.batching`), with the results of the size finally used.
         fwd_hooks: TransformerLens hooks active during generation (ablation, fixed steering...).
         plan: a :class:`workbench.steering.SteeringPlan` whose hooks depend on the batch (a controller or
             a gate); its per-row info (``s``, ``w``, ``gate``) becomes columns of the table.
@@ -62,6 +64,11 @@ def evaluate_refusal(
         ``table.attrs["judge"]`` names the judge.
     """
     judge = get_judge(judge)  # built once (a classifier judge loads a model), shared by every batch
+    if batch_size is None or isinstance(batch_size, str):  # adaptive: batches of explicit sizes, see workbench.parallel
+        args = dict(locals())  # every argument, passed on unchanged
+        from .parallel import evaluate_adaptive
+
+        return evaluate_adaptive(args.pop("model"), args.pop("prompt_sets"), **args)
     if not prompt_sets or all(len(v) == 0 for v in prompt_sets.values()):
         raise WorkbenchError("evaluate_refusal needs at least one non-empty prompt set")
     ref_ids = refusal_token_ids(model.tokenizer)

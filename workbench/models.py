@@ -52,12 +52,18 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 def resolve_device(device: str | torch.device | None) -> str:
-    """``None`` -> ``"cuda"`` when available, else ``"cpu"``."""
+    """``None`` -> ``"cuda"`` when available, else ``"cpu"``.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1`` and ``LOCAL_RANK`` set), ``None`` and a bare ``"cuda"`` mean this
+    rank's own GPU, ``cuda:{LOCAL_RANK % device_count}``, so that ranks do not all land on GPU 0.
+    """
     if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device = str(device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise WorkbenchError(f"device {device!r} requested but CUDA is not available on this machine")
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
     return device
 
 
@@ -124,6 +130,8 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    device_map: str | dict | None = None,
+    n_devices: int | None = None,
     **bridge_kwargs,
 ):
     """Load a chat model as a :class:`transformer_lens.model_bridge.TransformerBridge`.
@@ -136,7 +144,11 @@ def load_model(
         dtype: ``"float32"`` (default), ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``.
         trust_remote_code: off unless asked.
         revision: hub revision (recorded in the fingerprint of hub models).
-        **bridge_kwargs: forwarded to ``TransformerBridge.boot_transformers`` (``device_map``, ``n_devices``...).
+        device_map: model parallel placement, passed to Hugging Face through ``boot_transformers``:
+            ``"auto"``/``"balanced"``/``"balanced_low_0"``/``"sequential"``, one device (``"cpu"``,
+            ``"cuda:1"``) or a dict ``{module name: device}`` (``{"": "cpu"}``). Excludes ``device``.
+        n_devices: split the layers over this many CUDA devices (``n_devices=1`` is one device).
+        **bridge_kwargs: forwarded to ``TransformerBridge.boot_transformers`` (``max_memory``...).
 
     Returns:
         The bridge in eval mode, with ``bridge.tokenizer`` padding on the left.
@@ -145,17 +157,15 @@ def load_model(
 
     path, local = _resolve_path(name_or_path)
     torch_dtype = resolve_dtype(dtype)
+    placement = _placement(device, device_map, n_devices)
     tok = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
-    if "device_map" in bridge_kwargs or "n_devices" in bridge_kwargs:
-        dev = None
-    else:
-        dev = resolve_device(device)
+    dev = None if placement else resolve_device(device)
     if local:
         _check_weights(Path(path))
     try:
         bridge = TransformerBridge.boot_transformers(
             path, device=dev, dtype=torch_dtype, tokenizer=tok, trust_remote_code=trust_remote_code,
-            revision=revision, **bridge_kwargs,
+            revision=revision, **placement, **bridge_kwargs,
         )
     except WorkbenchError:
         raise
@@ -167,6 +177,50 @@ def load_model(
     bridge.tokenizer.padding_side = "left"
     bridge._wb_source = {"name": str(name_or_path), "path": path, "local": local, "revision": revision}
     return bridge
+
+
+_DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _placement(device, device_map, n_devices) -> dict:
+    """Validate ``device_map`` / ``n_devices``; the keyword arguments they add to ``boot_transformers``."""
+    if device_map is None and n_devices is None:
+        return {}
+    if device_map is not None and device is not None:
+        raise WorkbenchError(f"pass either device ({device!r}) or device_map ({device_map!r}), not both")
+    if n_devices is not None:
+        if device_map is not None:
+            raise WorkbenchError(f"pass either device_map ({device_map!r}) or n_devices ({n_devices!r}), not both")
+        if isinstance(n_devices, bool) or not isinstance(n_devices, int) or n_devices < 1:
+            raise WorkbenchError(f"n_devices must be a positive int, got {n_devices!r}")
+        if n_devices == 1:
+            return {}
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n_devices > visible:
+            raise WorkbenchError(
+                f"n_devices={n_devices} requested but only {visible} CUDA device(s) are visible; "
+                "lower n_devices or set CUDA_VISIBLE_DEVICES"
+            )
+        return {"n_devices": n_devices}
+    if isinstance(device_map, str):
+        targets = [] if device_map in _DEVICE_MAP_STRATEGIES else [device_map]
+    elif isinstance(device_map, dict) and device_map:
+        targets = list(device_map.values())
+    else:
+        raise WorkbenchError(
+            f"device_map must be one of {list(_DEVICE_MAP_STRATEGIES)}, a device such as 'cpu' or 'cuda:0', "
+            f"or a non-empty dict {{module name: device}}, got {device_map!r}"
+        )
+    for t in targets:
+        name = f"cuda:{t}" if isinstance(t, int) and not isinstance(t, bool) else str(t)
+        if name.startswith("cuda"):
+            index = int(name.split(":")[1]) if ":" in name and name.split(":")[1].isdigit() else 0
+            visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if index >= visible:
+                raise WorkbenchError(f"device_map targets {t!r} but only {visible} CUDA device(s) are visible")
+        elif name not in ("cpu", "disk", "mps"):
+            raise WorkbenchError(f"device_map target {t!r} is not a device; expected 'cpu', 'cuda:N', an int GPU index or 'disk'")
+    return {"device_map": device_map}
 
 
 def _check_weights(path: Path) -> None:

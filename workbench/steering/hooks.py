@@ -44,7 +44,7 @@ def steering_hooks(
 
     def make(layer: int) -> Callable:
         def fn(act: Tensor, hook=None) -> Tensor:
-            c = coeffs[:, layer].to(act.dtype)
+            c = coeffs[:, layer].to(device=act.device, dtype=act.dtype)  # plans build coeffs on the CPU
             if c.shape[0] == 1:
                 c = c.expand(act.shape[0])
             elif c.shape[0] != act.shape[0]:

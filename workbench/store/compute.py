@@ -32,9 +32,11 @@ from pathlib import Path
 
 import torch
 
+from ..batching import OOMBackoff, auto_batch_size, check_batch_size
 from ..chat import ChatBatch, tokenize_chat
 from ..errors import WorkbenchError
 from ..models import fingerprint, resolve_dtype
+from ..parallel import dist_context as _dist_context
 from ..progress import progress
 from . import fileio
 from .core import FORMAT_VERSION, ActivationStore, Entry, _hook_file_problem, _row_bytes
@@ -64,6 +66,8 @@ class Request:
     model_name: str
     n_layers: int
     key: str
+    #: ``batch_size="auto"``: the size came from free memory and a shard's forward is split on out-of-memory
+    adaptive: bool = False
 
     @property
     def n_prompts(self) -> int:
@@ -134,19 +138,19 @@ def entry_key(fp: str, batch: ChatBatch, positions, dtype: str) -> str:
 
 
 def resolve_request(model, prompts, hooks=("resid_pre",), positions="post_instruction", dtype="float32",
-                    batch_size: int = 32, system: str | None = None) -> Request:
+                    batch_size: int | str | None = 32, system: str | None = None) -> Request:
     """Validate and resolve a request; raises WorkbenchError before anything is computed or written."""
     raw, meta = _normalise_prompts(prompts)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise WorkbenchError(f"batch_size must be a positive int, got {batch_size!r}")
+    fixed = check_batch_size(batch_size)
     hook_names = resolve_hooks(model, hooks)
     dt = fileio.dtype_name(resolve_dtype(dtype))
     batch = tokenize_chat(model.tokenizer, raw, system=system)
+    batch_size = fixed or auto_batch_size(model, int(batch.input_ids.shape[1]), n_rows=len(raw))
     pos, label = canonical_positions(positions, batch.n_post)
     check_positions(pos, batch.lengths, raw, positions)
     fp = model_fingerprint(model)
     return Request(raw, meta, batch, hook_names, pos, label, dt, batch_size, system, fp, _model_name(model),
-                   int(model.cfg.n_layers), entry_key(fp, batch, pos, dt))
+                   int(model.cfg.n_layers), entry_key(fp, batch, pos, dt), adaptive=fixed is None)
 
 
 def get_or_compute(
@@ -156,7 +160,7 @@ def get_or_compute(
     positions="post_instruction",
     dtype: str | torch.dtype = "float32",
     store: ActivationStore | str | os.PathLike | None = None,
-    batch_size: int = 32,
+    batch_size: int | str | None = 32,
     system: str | None = None,
     show_progress: bool = True,
 ) -> Entry:
@@ -173,7 +177,9 @@ def get_or_compute(
             offsets, or ``"all"`` (padded on the left to the longest prompt; ``entry.mask`` marks real tokens).
         dtype: storage dtype (``"float32"``, ``"bfloat16"``, ``"float16"``); activations are cast to it.
         store: an :class:`ActivationStore` or a root path; ``None`` -> the default store.
-        batch_size: prompts per forward pass and per shard (resuming keeps the batch size of the interrupted run).
+        batch_size: prompts per forward pass and per shard (resuming keeps the batch size of the interrupted run);
+            ``"auto"`` or ``None``: sized from free memory (:func:`workbench.batching.auto_batch_size`), and a
+            shard whose forward runs out of memory is computed in halves (shard boundaries do not change).
         system: optional system prompt (part of the formatted prompts, hence of the key).
         show_progress: a progress bar over shards (rank 0 only).
 
@@ -217,22 +223,6 @@ def _missing(manifest: dict | None, req: Request) -> list[str]:
 
 
 # ---- distributed ---------------------------------------------------------------------------------------
-
-def _dist_context():
-    """``(rank, world_size, torch.distributed or None)``; initialises a gloo group under torchrun if needed."""
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        return 0, 1, None
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), (dist if dist.get_world_size() > 1 else None)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and "MASTER_ADDR" in os.environ:
-        dist.init_process_group("gloo")
-        log.info("initialised a gloo process group (rank %d of %d)", dist.get_rank(), world)
-        return dist.get_rank(), world, dist
-    return 0, 1, None
-
 
 def _broadcast(dist, obj, rank: int):
     box = [obj if rank == 0 else None]
@@ -353,6 +343,22 @@ class _Capture:
             return None
 
         return fn
+
+
+def _split_forward(model, cap: _Capture, need, ids, am, backoff: OOMBackoff) -> dict[str, torch.Tensor]:
+    """One shard's captures, computed in row chunks that :class:`OOMBackoff` halves on out-of-memory."""
+
+    def part(rows: range) -> dict[str, torch.Tensor]:
+        cap.start(need, len(rows), ids.shape[1])
+        try:
+            model(ids[rows.start:rows.stop], attention_mask=am[rows.start:rows.stop])
+        except _Stop:
+            pass
+        out, cap.out = cap.out, {}
+        return out
+
+    parts = backoff.map(part, range(ids.shape[0]))
+    return {h: torch.cat([p[h] for p in parts]) for h in parts[0] if all(h in p for p in parts)}
 
 
 class _Work:
@@ -526,6 +532,7 @@ class _Work:
         names = sorted({h for _, need in mine for h in need})
         recs = {h: self.state["hooks"][h] for h in names}
         cap = _Capture(self.req.positions, fileio.DTYPES[self.req.dtype][0])
+        backoff = OOMBackoff(self.batch_size) if self.req.adaptive else None
         full_len = self.req.batch.input_ids.shape[1]
         fds = {h: os.open(self.hook_file(h), os.O_RDWR) for h in names}
         logf = open(self.dir / f"progress.r{rank}.jsonl", "a", encoding="utf-8")
@@ -534,11 +541,14 @@ class _Work:
                 for i, need in progress(mine, desc=f"cache {self.req.key[:8]}", enabled=show_progress):
                     a, b = self.rows(i)
                     ids, am = self._batch_rows(a, b, model)
-                    cap.start(need, b - a, ids.shape[1])
-                    try:
-                        model(ids, attention_mask=am)
-                    except _Stop:
-                        pass
+                    if backoff is None:
+                        cap.start(need, b - a, ids.shape[1])
+                        try:
+                            model(ids, attention_mask=am)
+                        except _Stop:
+                            pass
+                    else:
+                        cap.out = _split_forward(model, cap, need, ids, am, backoff)
                     lines = []
                     for h in need:
                         t = cap.out.get(h)
