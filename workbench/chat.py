@@ -68,10 +68,20 @@ def format_prompts(tokenizer, prompts: Sequence[str], system: str | None = None)
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise WorkbenchError(f"prompt {i} is {type(p).__name__}, expected str")
-    return [
-        tokenizer.apply_chat_template(_messages(p, system), tokenize=False, add_generation_prompt=True)
-        for p in prompts
-    ]
+    from jinja2 import TemplateError
+
+    try:
+        return [
+            tokenizer.apply_chat_template(_messages(p, system), tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
+    except TemplateError as exc:  # templates raise on what they do not support (Gemma: a system role)
+        hint = (" This template has no system role: pass system=None, or put the system text into the prompt."
+                if system else "")
+        raise WorkbenchError(
+            f"the chat template of {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} "
+            f"rejected the messages: {exc}.{hint}"
+        ) from exc
 
 
 def post_instruction_suffix(tokenizer, system: str | None = None) -> str:

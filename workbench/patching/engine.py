@@ -25,6 +25,7 @@ base metric for them.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -122,7 +123,8 @@ def capture_run(model, tokens: Tensor, attention_mask: Tensor | None, hook_names
     if resumable:
         for j, block in enumerate(model.blocks):
             def pre(mod, args, kwargs, j=j):
-                kwargs_seen[j] = dict(kwargs)
+                named = _named_positional(mod, args)
+                kwargs_seen[j] = None if named is None else {**named, **kwargs}
             handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
     mask = _mask_arg(attention_mask)
     t0 = time.perf_counter()
@@ -154,6 +156,26 @@ def capture_run(model, tokens: Tensor, attention_mask: Tensor | None, hook_names
             run.block_kwargs = kwargs_seen  # type: ignore[assignment]
             run.kv = kv
     return run
+
+
+def _named_positional(block, args: tuple) -> dict | None:
+    """The positional arguments a block received after the hidden states, named after the wrapped HF block's
+    ``forward`` signature (``None`` if they cannot be named).
+
+    Some models pass the KV cache and the attention mask positionally (GPT-2: ``block(hidden_states,
+    past_key_values, causal_mask, encoder_hidden_states, ...)``); a resumed block call must get them too.
+    """
+    if len(args) <= 1:
+        return {}
+    target = getattr(block, "original_component", None) or block
+    try:
+        params = list(inspect.signature(target.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
+    if len(args) - 1 > len(names):
+        return None
+    return dict(zip(names, args[1:]))
 
 
 def _kv_from_cache(cache, n_layers: int) -> list[tuple[Tensor, Tensor]] | None:

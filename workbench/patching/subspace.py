@@ -159,9 +159,15 @@ def _norm_linear_map(norm, d: int, ref: Tensor) -> Tensor:
 
 
 def _linear_weight(bridge_part) -> Tensor | None:
+    """``Float[Tensor, "d_out d_in"]`` (``nn.Linear`` layout) of a linear layer, or ``None``.
+
+    GPT-2's ``Conv1D`` stores ``[d_in, d_out]``; it is transposed, or its readers would be skipped.
+    """
     module = getattr(bridge_part, "original_component", None) or bridge_part
     w = getattr(module, "weight", None)
-    return w.detach().float().cpu() if isinstance(w, Tensor) and w.ndim == 2 else None
+    if not isinstance(w, Tensor) or w.ndim != 2:
+        return None
+    return (w.T if type(module).__name__ == "Conv1D" else w).detach().float().cpu()
 
 
 def reader_gram(model, layer: int, readers: str | Tensor = "downstream") -> tuple[Tensor, int]:
@@ -200,7 +206,8 @@ def reader_gram(model, layer: int, readers: str | Tensor = "downstream") -> tupl
             block = model.blocks[j]
             if readers in ("downstream", "attn"):
                 a = _norm_linear_map(block.ln1, d, ref)
-                for name in ("q", "k", "v", "qkv"):
+                split = any(name in block.attn._modules for name in ("q", "k", "v"))
+                for name in ("q", "k", "v") if split else ("qkv",):  # a fused qkv only when not also split
                     if name in block.attn._modules:
                         add(_linear_weight(block.attn._modules[name]), a)
             if readers in ("downstream", "mlp"):
