@@ -238,3 +238,29 @@ def test_cli_cache_compute_bf16_auto_batch(tiny_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["cache", "compute", "--batch-size", "0", "--root", str(root)])
     assert "expected a positive int or 'auto', got '0'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ benchmark
+@pytest.mark.parametrize("device", DEVICES)
+def test_gpu_benchmark_smoke(device):
+    """``benchmarks/gpu.py --small`` end to end on a tiny shape: every section reports sane numbers."""
+    import runpy
+    from pathlib import Path
+
+    bench = runpy.run_path(str(Path(__file__).resolve().parent.parent / "benchmarks" / "gpu.py"))
+    out = bench["run_benchmark"](device=device, small=True, n_prompts=4, batch_size=2, gen_batch=2,
+                                 max_new_tokens=3, n_pairs=2, repeats=1)
+    assert out["dtype"] == ("float32" if device == "cpu" else "bfloat16") and out["device"] and out["date"]
+    assert out["model"]["hidden_size"] == 128 and out["model"]["tie_word_embeddings"] is True
+    per_layer = 2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 256 + 2 * 128  # q, o; k, v (GQA 2 x 32); MLP; norms
+    assert out["model"]["n_params"] == 1024 * 128 + 4 * per_layer + 128  # tied embedding counted once
+    assert out["store"]["real_tokens"] > 0 and out["store"]["ratio_store_vs_forward"] > 0
+    gen = out["generation"]
+    assert gen["batch"] == 2 and gen["max_new_tokens"] == 3
+    assert all(v > 0 for v in gen["new_tokens_per_s"].values()) and gen["ratio_steered_vs_hf_generate_sdpa"] > 0
+    pat = out["patching"]
+    assert pat["cells"] == 4 * pat["n_pos"] and pat["speedup_vs_transformer_lens"] > 0
+    assert pat["max_abs_diff_vs_transformer_lens"] < (1e-4 if device == "cpu" else 5e-2)
+    assert set(out["headline"]) == {"ratio_store_vs_forward", "steered_tokens_per_s", "hf_generate_tokens_per_s",
+                                    "ratio_steered_vs_hf_generate_sdpa", "patching_speedup_vs_transformer_lens",
+                                    "patching_max_abs_diff_vs_transformer_lens"}

@@ -111,7 +111,10 @@ def bench_model(model, pairs: PromptPairs, repeats: int = 3, show_progress: bool
     def peer():
         _, cache = model.run_with_cache(pairs.clean_ids, names_filter=lambda n: n.endswith("hook_resid_pre"))
         with _quiet_tl(not show_progress), torch.no_grad():
-            return tlp.get_act_patch_resid_pre(model, pairs.corrupted_ids, cache, tl_metric)
+            out = tlp.get_act_patch_resid_pre(model, pairs.corrupted_ids, cache, tl_metric)
+        if dev.type == "cuda":  # the peer's metric grid stays on the GPU: wait for its last kernels
+            torch.cuda.synchronize(dev)
+        return out
 
     t_ours, t_peer = [], []
     res = ref = None
