@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 OUT ?= runs/latest
 PYTEST_ARGS ?=
 
-.PHONY: run test setup clean-venv
+.PHONY: run test setup figures clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,10 @@ setup: $(STAMP)
 
 run: $(STAMP)
 	$(VENV)/bin/workbench run --out $(OUT)
+
+# the committed figures/: the main job on the organism, published (figures, report, data tables)
+figures: $(STAMP)
+	$(VENV)/bin/workbench run --out runs/organism --publish figures
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -106,6 +106,28 @@ def test_train_e2e_lowers_its_loss(tiny_model, direction):
     assert wb.fingerprint(tiny_model, refresh=True) == fp
 
 
+def test_train_e2e_with_refusal_reply_makes_the_reply_likely(tiny_model):
+    """The reply objective: with a direction able to produce the reply (the unembedding row of its token), the
+    trained controller steers harmful prompts so the teacher-forced reply NLL drops well below unsteered."""
+    from workbench.evaluate import reply_cross_entropy
+
+    tok = tiny_model.tokenizer
+    reply_id = tok("I", add_special_tokens=False)["input_ids"][0]
+    reply = tok.decode([reply_id])
+    d = tiny_model.original_model.lm_head.weight[reply_id].detach().float()
+    d = d / d.norm()
+    cfg = _cfg(tiny_model, alpha=20.0)
+    data = build_training_set(tiny_model, HARM, BEN, cfg, show_progress=False)
+    ctrl, hist = train_e2e(tiny_model, d, data, cfg, steps=60, batch_size=8, lr=1e-2,
+                           refusal_reply=reply, show_progress=False)
+    assert {"reply", "kl", "refusal", "l1"} <= set(hist[-1])
+    assert hist[-1]["reply"] < hist[0]["reply"]
+    plan = controller_plan(ctrl, d)
+    steered = reply_cross_entropy(tiny_model, HARM[:2], [[reply_id]] * 2, plan)
+    plain = reply_cross_entropy(tiny_model, HARM[:2], [[reply_id]] * 2)
+    assert float(steered.mean()) < float(plain.mean()) - 0.5
+
+
 def test_save_load_roundtrip_and_mismatch(tmp_path, tiny_model, direction):
     cfg = _cfg(tiny_model, scale_activation="sigmoid")
     data = build_training_set(tiny_model, HARM, BEN, cfg, show_progress=False)

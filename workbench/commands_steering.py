@@ -11,7 +11,7 @@ def _train(a: argparse.Namespace) -> dict:
     from .steering.compare import BENIGN_LIKE, HARMFUL_LIKE
     from .steering.controller import ControllerConfig, save_controller
     from .steering.pipeline import resolve_direction
-    from .steering.train import E2EWeights, build_training_set, train_bce, train_e2e
+    from .steering.train import E2EWeights, build_training_set, train_bce, train_e2e, typical_refusal
 
     model = load_model(a.model, device=a.device, dtype=a.dtype)
     direction = resolve_direction(model, a.direction, show_progress=not a.quiet)
@@ -26,9 +26,10 @@ def _train(a: argparse.Namespace) -> dict:
                            alpha=float(vec.norm()) / n, objective=a.objective)
     data = build_training_set(model, harmful, benign, cfg, show_progress=not a.quiet)
     if a.objective == "e2e":
+        reply = typical_refusal(model, train["harmful"][:64])
         ctrl, hist = train_e2e(model, unit, data, cfg, steps=a.steps, weights=E2EWeights(l1=a.l1),
-                               show_progress=not a.quiet)
-        final = hist[-1]
+                               refusal_reply=reply, show_progress=not a.quiet)
+        final = {**hist[-1], "refusal_reply": reply}
     else:
         ctrl, losses = train_bce(model, unit, data, cfg, epochs=a.steps, show_progress=not a.quiet)
         final = {"loss": losses[-1]}

@@ -87,3 +87,16 @@ def generate(
         batch = tokenize_chat(model.tokenizer, prompts[s:s + batch_size], system)
         replies.extend(generate_batch(model, batch, max_new_tokens, fwd_hooks)[0])
     return replies
+
+
+def greedy_continuations(model, batch: ChatBatch, n_tokens: int, fwd_hooks: Sequence[Hook] = ()) -> torch.Tensor:
+    """Exactly ``n_tokens`` greedy reply tokens per row (eos not allowed to stop early):
+    ``Int[Tensor, "batch n_tokens"]``. Fixed-length continuations stack without padding (training targets)."""
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
+        out = model.original_model.generate(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=n_tokens,
+            min_new_tokens=n_tokens, do_sample=False, pad_token_id=model.tokenizer.pad_token_id,
+        )
+    return out[:, batch.input_ids.shape[1]:]

@@ -33,6 +33,8 @@ class RunConfig:
     png: bool = True
     e2e_steps: int = 300
     n_pairs: int = 16
+    #: at most this many prompts per category and split in every stage (``None``: all; small = a quick run)
+    limit: int | None = None
     show_progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -61,7 +63,8 @@ def _stage_evaluate(st: RunState) -> dict:
     from .data import CATEGORIES, organism_splits
     from .evaluate import evaluate_refusal
 
-    ev = evaluate_refusal(st.model, organism_splits("test", CATEGORIES), show_progress=st.cfg.show_progress)
+    ev = evaluate_refusal(st.model, organism_splits("test", CATEGORIES, limit=st.cfg.limit),
+                          show_progress=st.cfg.show_progress)
     (st.out / "evaluate").mkdir(exist_ok=True)
     ev.table.to_json(st.out / "evaluate" / "generations.jsonl", orient="records", lines=True)
     return ev.summary()
@@ -73,7 +76,9 @@ def _stage_directions(st: RunState) -> dict:
     from .directions.report import directions_report
     from .data import organism_prompts
 
-    summary, sel = directions_report(st.model, store=st.store, show_progress=st.cfg.show_progress)
+    lim = st.cfg.limit
+    summary, sel = directions_report(st.model, limit_train=lim, limit_val=lim, limit_test=lim, store=st.store,
+                                     show_progress=st.cfg.show_progress)
     d = sel.direction
     st.direction = d
     out = st.out / "directions"
@@ -86,7 +91,7 @@ def _stage_directions(st: RunState) -> dict:
               plots.bypass_induce_scatter(sel.scores, selected=(d.layer, d.position)))
     st.figure("directions", "candidate_cosines", "Cosine similarity of candidates across layers",
               plots.cosine_matrix(candidate_cosines(sel.candidates)))
-    sets = {c: organism_prompts("test", c, 64) for c in ("harmful", "benign", "jailbreak")}
+    sets = {c: organism_prompts("test", c, min(64, lim or 64)) for c in ("harmful", "benign", "jailbreak")}
     proj = projection_by_layer(st.model, d, sets, store=st.store, show_progress=st.cfg.show_progress)
     proj.to_csv(out / "projections.csv", index=False)
     st.figure("directions", "projections", "Projection on the refusal direction per layer",
@@ -125,9 +130,10 @@ def _stage_patching(st: RunState) -> dict:
 
 def _stage_sparsity(st: RunState) -> dict:
     from . import plots
-    from .sparsity.report import save_tables, sparsity_report
+    from .sparsity.report import SparsityConfig, save_tables, sparsity_report
 
-    summary, tables = sparsity_report(st.model, direction=st.direction, store=st.store,
+    sc = SparsityConfig() if st.cfg.limit is None else SparsityConfig(limit=st.cfg.limit, heldout_limit=st.cfg.limit)
+    summary, tables = sparsity_report(st.model, sc, direction=st.direction, store=st.store,
                                       show_progress=st.cfg.show_progress)
     save_tables(tables, st.out / "sparsity")
     if "sparsity" in tables:
@@ -148,7 +154,7 @@ def _stage_steering(st: RunState) -> dict:
 
     d = st.direction or resolve_direction(st.model, show_progress=st.cfg.show_progress)
     out = run_comparison(st.model, d, CompareConfig(e2e_steps=st.cfg.e2e_steps), out_dir=st.out / "steering",
-                         show_progress=st.cfg.show_progress)
+                         limit=st.cfg.limit, show_progress=st.cfg.show_progress)
     res = out.pop("_result")
     st.figure("steering", "refusal_rates", "Refusal rate by method and split (test)", plots.refusal_rate_bars(res))
     st.figure("steering", "controller_weights", "WAS controller layer weights (prompts x layers)",

@@ -67,3 +67,52 @@ def write_report(summary: dict, figures: list[tuple[str, str, Path]], out_dir: P
             + "".join(body) + "<h2>Figures</h2>" + figs + "</body></html>")
     (out_dir / "report.html").write_text(page)
     return {"md": out_dir / "report.md", "html": out_dir / "report.html"}
+
+
+#: Run artifacts copied to ``<dest>/data`` by :func:`publish_run` (small tables the paper-figures notebook reads).
+PUBLISHED_DATA = (
+    "summary.json",
+    "directions/candidate_scores.csv",
+    "directions/projections.csv",
+    "patching/patching.json",
+    "patching/patching_sweeps.csv",
+    "patching/patching_subspace.csv",
+    "sparsity/*.csv",
+    "steering/steering.json",
+    "steering/alpha_curves.csv",
+    "steering/steering_generations.jsonl",
+)
+
+
+def publish_run(run_dir: str | Path, dest: str | Path = "figures") -> Path:
+    """Copy a main-job run's figures, report and small data tables into ``dest`` (the repository's ``figures/``).
+
+    Layout: ``dest/*.png|*.html`` (+ one ``plotly.min.js``), ``dest/report.md`` and ``report.html`` with links
+    rewritten to the flat layout, and ``dest/data/`` with the tables of :data:`PUBLISHED_DATA` (the
+    paper-figures notebook rebuilds the figures from them). Old files in ``dest`` are replaced, not merged.
+    """
+    import shutil
+
+    from .errors import WorkbenchError
+
+    run, dest = Path(run_dir), Path(dest)
+    if not (run / "summary.json").exists() or not (run / "figures").is_dir():
+        raise WorkbenchError(f"{run} is not a finished main-job run (no summary.json or figures/); run `workbench run` first")
+    if dest.exists():
+        for p in dest.iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in sorted((run / "figures").iterdir()):
+        if p.is_file():
+            shutil.copy2(p, dest / p.name)
+    for name in ("report.md", "report.html"):
+        if (run / name).exists():
+            text = (run / name).read_text()
+            (dest / name).write_text(text.replace("](figures/", "](").replace("src='figures/", "src='"))
+    data = dest / "data"
+    for pattern in PUBLISHED_DATA:
+        for src in sorted(run.glob(pattern)):
+            target = data / src.relative_to(run)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, target)
+    return dest

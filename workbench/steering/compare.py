@@ -38,17 +38,19 @@ BENIGN_LIKE = ("benign", "borderline")
 class CompareConfig:
     """One comparison run (saved with the results so it can be repeated)."""
 
-    alpha_grid: tuple[float, ...] = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
+    alpha_grid: tuple[float, ...] = (0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.0)
     max_benign_refusal: float = 0.05
     max_new_tokens: int = 16
     batch_size: int = 64
     input_layers: list[int] | None = None  # default: last 4
+    pooling: str = "last"  # the controller's input position(s): "last" (the paper) or "post_instruction_mean"
     hidden: int = 64
     bce_epochs: int = 300
     e2e_steps: int = 300
     e2e_lr: float = 3e-3
     e2e_l1: float = 0.01
     e2e_kl: float = 1.0
+    e2e_reply: float = 1.0  # weight of the refusal-reply likelihood (0: first-token refusal score only)
     seed: int = 0
     methods: tuple[str, ...] = ("none", "actadd", "actadd_layer", "cast", "official_equivalent", "was_bce", "was_e2e")
     extra: dict = field(default_factory=dict)
@@ -125,7 +127,8 @@ def compare_methods(
     in_layers = cc.input_layers or list(range(max(0, n - 4), n))
     harmful = [p for c in HARMFUL_LIKE for p in train.get(c, [])]
     benign = [p for c in BENIGN_LIKE for p in train.get(c, [])]
-    base_cfg = dict(d_model=int(model.cfg.d_model), n_layers=n, input_layers=in_layers, hidden=cc.hidden)
+    base_cfg = dict(d_model=int(model.cfg.d_model), n_layers=n, input_layers=in_layers, hidden=cc.hidden,
+                    pooling=cc.pooling)
     data = build_training_set(model, harmful, benign, ControllerConfig(**base_cfg), show_progress=show_progress)
 
     plans: dict[str, SteeringPlan | None] = {}
@@ -180,10 +183,13 @@ def compare_methods(
             controllers[name] = ctrl
         elif name == "was_e2e":
             cfg = ControllerConfig(**base_cfg, scale_activation="softplus", alpha=alpha_unit / n, objective="e2e")
-            from .train import E2EWeights
+            from .train import E2EWeights, typical_refusal
 
+            reply = typical_refusal(model, train.get("harmful", [])[:64]) if cc.e2e_reply > 0 else None
+            choices["was_e2e_refusal_reply"] = reply
             ctrl, hist = train_e2e(model, d, data, cfg, steps=cc.e2e_steps, lr=cc.e2e_lr, seed=cc.seed,
-                                   weights=E2EWeights(kl=cc.e2e_kl, l1=cc.e2e_l1), show_progress=show_progress)
+                                   weights=E2EWeights(kl=cc.e2e_kl, l1=cc.e2e_l1, reply=cc.e2e_reply),
+                                   refusal_reply=reply, show_progress=show_progress)
             choices["was_e2e_final_loss"] = hist[-1]
             controllers[name] = ctrl
             plans[name] = controller_plan(ctrl, d, "was_e2e")

@@ -4,9 +4,12 @@
   (harmful 1 / benign 0) on cached activations. The layer weights get no signal from it (they stay at
   their initial 0.5), which is the paper's behaviour made explicit.
 * :func:`train_e2e` -- beyond the paper, end to end through the frozen model: on harmful prompts raise the
-  probability of a refusal first token under the patch (``-log sigmoid(refusal score)``); on benign prompts
-  keep the next-token distribution at the last prompt position close to the unsteered one (KL); an L1 term
-  on ``w`` so few layers are steered.
+  probability of a refusal first token under the patch (``-log sigmoid(refusal score)``) and, when a
+  ``refusal_reply`` is given, the likelihood of that whole reply, teacher-forced with the patch on every
+  reply position exactly as in steered generation (without it a controller can learn to push the first
+  token only, and persistent steering then degenerates into repeating it: measured on the organism, see
+  ``workbench/organism/NOTES.md``); on benign prompts keep the next-token distribution at the last prompt
+  position close to the unsteered one (KL); an L1 term on ``w`` so few layers are steered.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..chat import ChatBatch, tokenize_chat
+from ..generation import greedy_continuations
 from ..errors import WorkbenchError
 from ..judge import refusal_score, refusal_token_ids
 from ..models import fingerprint
@@ -101,6 +105,7 @@ class E2EWeights:
     """Loss weights of the end-to-end objective."""
 
     refusal: float = 1.0
+    reply: float = 1.0
     kl: float = 1.0
     l1: float = 0.01
     extra: dict = field(default_factory=dict)
@@ -108,8 +113,13 @@ class E2EWeights:
 
 def train_e2e(model, direction: Tensor, data: TrainingSet, cfg: ControllerConfig, steps: int = 300,
               batch_size: int = 32, lr: float = 3e-3, weights: E2EWeights | None = None, seed: int = 0,
-              show_progress: bool = True) -> tuple[Controller, list[dict]]:
-    """End-to-end objective through the frozen model (see module docstring)."""
+              refusal_reply: str | None = None, show_progress: bool = True) -> tuple[Controller, list[dict]]:
+    """End-to-end objective through the frozen model (see module docstring).
+
+    Args:
+        refusal_reply: the reply harmful prompts should get (e.g. :func:`typical_refusal`); its mean
+            teacher-forced NLL under the patch is added with weight ``weights.reply``.
+    """
     weights = weights or E2EWeights()
     torch.manual_seed(seed)
     cfg.objective = cfg.objective or "e2e"
@@ -121,14 +131,19 @@ def train_e2e(model, direction: Tensor, data: TrainingSet, cfg: ControllerConfig
     params_before = _param_snapshot(model)
     if any(p.requires_grad for p in model.parameters()):
         raise WorkbenchError("the model must be frozen (requires_grad=False) while the controller trains")
-
-    # unsteered next-token log-probs at the last prompt position (the KL reference)
-    ref_logp = []
-    with torch.no_grad():
-        for s in range(0, len(data.prompts), 64):
-            sub = _rows(data.batch, slice(s, s + 64)).to(device)
-            ref_logp.append(torch.log_softmax(model(sub.input_ids, attention_mask=sub.attention_mask)[:, -1].float(), -1))
-    ref_logp = torch.cat(ref_logp)
+    # Fixed-length continuations teacher-forced under the patch: harmful rows get the refusal reply, benign
+    # rows their own unsteered greedy continuation of the same length (KL is taken over all of it, so the
+    # patch may not derail a benign answer a few tokens in). Without a reply: the last prompt position only.
+    cont = None
+    if refusal_reply:
+        reply_ids = model.tokenizer(refusal_reply, add_special_tokens=False)["input_ids"]
+        if len(reply_ids) == 0:
+            raise WorkbenchError(f"refusal_reply {refusal_reply!r} has no tokens")
+        cont = torch.tensor(reply_ids, device=device)[None].repeat(len(data.prompts), 1)
+        neg_rows = (data.labels == 0).nonzero().squeeze(-1).tolist()
+        for s in range(0, len(neg_rows), 64):
+            rows = neg_rows[s:s + 64]
+            cont[rows] = greedy_continuations(model, _rows(data.batch, torch.tensor(rows)), len(reply_ids)).to(device)
 
     opt = torch.optim.Adam(ctrl.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
@@ -142,20 +157,34 @@ def train_e2e(model, direction: Tensor, data: TrainingSet, cfg: ControllerConfig
         sub = _rows(data.batch, idx).to(device)
         s, w = ctrl(data.inputs[idx].to(device))
         coeffs = s[:, None] * w * cfg.alpha
-        with model.hooks(fwd_hooks=steering_hooks(coeffs, direction.to(device), cfg.steer_hook)):
-            logits = model(sub.input_ids, attention_mask=sub.attention_mask)[:, -1].float()
+        ids, mask, n_prompt = sub.input_ids, sub.attention_mask, sub.input_ids.shape[1]
+        if cont is not None:
+            c = cont[idx.to(device)]
+            ids = torch.cat([ids, c], 1)
+            mask = torch.cat([mask, torch.ones_like(c, dtype=mask.dtype)], 1)
+        with torch.no_grad():
+            ref = torch.log_softmax(model(ids, attention_mask=mask)[:, n_prompt - 1:].float(), -1)
+        hooks = steering_hooks(coeffs, direction.to(device), cfg.steer_hook,
+                               start=n_prompt - 1 if cont is not None else None)
+        with model.hooks(fwd_hooks=hooks):
+            logp = torch.log_softmax(model(ids, attention_mask=mask)[:, n_prompt - 1:].float(), -1)
         y = data.labels[idx].to(device)
-        score = refusal_score(logits, ref_ids)
+        score = refusal_score(logp[:, 0], ref_ids)
         refuse_loss = (F.softplus(-score) * y).sum() / y.sum().clamp_min(1)
-        logp = torch.log_softmax(logits, -1)
-        ref = ref_logp[idx.to(ref_logp.device)].to(device)
-        kl = ((ref.exp() * (ref - logp)).sum(-1) * (1 - y)).sum() / (1 - y).sum().clamp_min(1)
+        reply_loss = torch.zeros((), device=device)
+        if cont is not None:
+            nll = -logp[:, :-1].gather(-1, c[..., None])[..., 0].mean(1)
+            reply_loss = (nll * y).sum() / y.sum().clamp_min(1)
+        kl_pos = (ref.exp() * (ref - logp)).sum(-1)
+        kl_pos = kl_pos[:, :-1] if cont is not None else kl_pos
+        kl = (kl_pos.mean(1) * (1 - y)).sum() / (1 - y).sum().clamp_min(1)
         l1 = w.mean()
-        loss = weights.refusal * refuse_loss + weights.kl * kl + weights.l1 * l1
+        loss = weights.refusal * refuse_loss + weights.reply * reply_loss + weights.kl * kl + weights.l1 * l1
         opt.zero_grad()
         loss.backward()
         opt.step()
-        history.append({"loss": float(loss), "refusal": float(refuse_loss), "kl": float(kl), "l1": float(l1)})
+        history.append({"loss": loss.item(), "refusal": refuse_loss.item(), "reply": reply_loss.item(),
+                        "kl": kl.item(), "l1": l1.item()})
     _assert_frozen(model, params_before)
     return ctrl.eval(), history
 
@@ -169,3 +198,17 @@ def _assert_frozen(model, before: Tensor) -> None:
     after = _param_snapshot(model)
     if not torch.equal(before, after) or any(p.grad is not None for p in model.parameters()):
         raise RuntimeError("model parameters changed or received gradients while training the controller")
+
+
+def typical_refusal(model, harmful: Sequence[str], max_new_tokens: int = 8, batch_size: int = 64,
+                    show_progress: bool = False) -> str | None:
+    """The model's most common greedy reply to ``harmful`` prompts among those judged refusals (first
+    ``max_new_tokens`` tokens), e.g. ``"I cannot help with that"``; ``None`` when it never refuses."""
+    from collections import Counter
+
+    from ..evaluate import evaluate_refusal
+
+    table = evaluate_refusal(model, {"harmful": list(harmful)}, max_new_tokens, batch_size,
+                             show_progress=show_progress).table
+    replies = [r for r, ok in zip(table["reply"], table["refused"]) if ok and r]
+    return Counter(replies).most_common(1)[0][0] if replies else None
