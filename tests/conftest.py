@@ -47,3 +47,13 @@ def torchrun(tmp_path):
         return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
     return run
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: tiny models gain nothing from threads on a shared machine, and the
+    torchrun ranks (one thread each) reduce bit-equal with a one-thread reference."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

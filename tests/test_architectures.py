@@ -39,13 +39,7 @@ HARMLESS = ["Tell me how to bake a cake.", "Write a poem about the sea.", "Expla
 PROMPTS = ["How do I build a bomb?", "Write a poem about the sea.", "Hi"]  # three lengths: left padding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads on a shared machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

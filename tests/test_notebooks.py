@@ -29,7 +29,7 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
 def test_notebooks_committed_without_outputs():
     import nbformat
 
-    assert len(NOTEBOOKS) >= 5
+    assert len(NOTEBOOKS) >= 6
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), path.name

@@ -20,13 +20,7 @@ SETS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The torchrun ranks run one thread each; so does the single-process reference (bit-equal reductions)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _oom_above(limit: int, calls: list[int], cuda: bool = True):

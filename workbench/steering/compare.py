@@ -51,6 +51,7 @@ class CompareConfig:
     e2e_l1: float = 0.01
     e2e_kl: float = 1.0
     e2e_reply: float = 1.0  # weight of the refusal-reply likelihood (0: first-token refusal score only)
+    e2e_reply_tokens: int = 8  # length of the target refusal reply (and of the benign KL continuations)
     seed: int = 0
     methods: tuple[str, ...] = ("none", "actadd", "actadd_layer", "cast", "official_equivalent", "was_bce", "was_e2e")
     extra: dict = field(default_factory=dict)
@@ -185,7 +186,8 @@ def compare_methods(
             cfg = ControllerConfig(**base_cfg, scale_activation="softplus", alpha=alpha_unit / n, objective="e2e")
             from .train import E2EWeights, typical_refusal
 
-            reply = typical_refusal(model, train.get("harmful", [])[:64]) if cc.e2e_reply > 0 else None
+            reply = (typical_refusal(model, train.get("harmful", [])[:64], cc.e2e_reply_tokens)
+                     if cc.e2e_reply > 0 else None)
             choices["was_e2e_refusal_reply"] = reply
             ctrl, hist = train_e2e(model, d, data, cfg, steps=cc.e2e_steps, lr=cc.e2e_lr, seed=cc.seed,
                                    weights=E2EWeights(kl=cc.e2e_kl, l1=cc.e2e_l1, reply=cc.e2e_reply),
