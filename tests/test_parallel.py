@@ -180,3 +180,23 @@ def test_two_process_evaluation_equals_single_process(tiny_model, tiny_dir, tmp_
         assert torch.equal(torch.tensor(r["logprobs"]), ref.logprobs)
     stores = [json.loads((tmp_path / f"store{r}.json").read_text()) for r in (0, 1)]
     assert stores[0] == stores[1]
+
+
+_CLI_SCRIPT = """
+import sys
+from workbench.cli import main
+sys.exit(main(["evaluate", "--model", sys.argv[1], "--device", "cpu", "--limit", "3", "--max-new-tokens", "3",
+               "--batch-size", "2", "--json", "--quiet"]))
+"""
+
+
+def test_cli_evaluate_under_torchrun_shards_and_prints_once(tiny_dir, tmp_path, torchrun, capsys):
+    from workbench.cli import main
+
+    proc = torchrun(_CLI_SCRIPT, tiny_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("\n{") + proc.stdout.startswith("{") == 1  # rank 0 only prints
+    assert main(["evaluate", "--model", str(tiny_dir), "--device", "cpu", "--limit", "3", "--max-new-tokens", "3",
+                 "--batch-size", "2", "--json", "--quiet"]) == 0
+    single = capsys.readouterr().out
+    assert json.loads(proc.stdout[proc.stdout.index("{"):]) == json.loads(single)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .errors import WorkbenchError
@@ -33,8 +34,8 @@ def _emit(result: dict, as_json: bool) -> None:
 
 def cmd_evaluate(a: argparse.Namespace) -> dict:
     from .data import CATEGORIES, organism_splits
-    from .evaluate import evaluate_refusal
     from .models import load_model
+    from .parallel import evaluate_distributed
 
     if a.dataset:
         from .datasets import prompt_sets
@@ -50,8 +51,9 @@ def cmd_evaluate(a: argparse.Namespace) -> dict:
     else:
         sets = organism_splits(a.split, CATEGORIES, limit=a.limit)
     model = load_model(a.model, device=a.device, dtype=a.dtype)
-    ev = evaluate_refusal(model, sets, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
-                          show_progress=not a.quiet, judge=a.judge)
+    # under torchrun the prompts are sharded over the ranks (one process: plain evaluate_refusal)
+    ev = evaluate_distributed(model, sets, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
+                              show_progress=not a.quiet, judge=a.judge)
     source = {"datasets": a.dataset, "judge": ev.table.attrs.get("judge")} if a.dataset else {"split": a.split}
     out = {"model": a.model, **source, **ev.summary()}
     if a.save:
@@ -124,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/latest", help="output directory")
     p.add_argument("--stages", default=None, help="comma-separated subset of evaluate,directions,patching,sparsity,steering")
     p.add_argument("--store", default=None, help="activation store root (default $WORKBENCH_CACHE or ~/.cache/workbench)")
-    p.add_argument("--e2e-steps", type=int, default=300, help="end-to-end controller training steps")
+    p.add_argument("--e2e-steps", type=int, default=600, help="end-to-end controller training steps")
     p.add_argument("--no-png", action="store_true", help="HTML figures only")
     p.add_argument("--limit", type=int, default=None,
                    help="at most this many prompts per category and split in every stage (a quick run)")
@@ -170,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     except WorkbenchError as exc:
         print(f"workbench: error: {exc}", file=sys.stderr)
         return 2
-    _emit(result, args.json)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 prints
+        _emit(result, args.json)
     return 0
 
 

@@ -22,7 +22,7 @@ def _train(a: argparse.Namespace) -> dict:
     harmful = [p for c in HARMFUL_LIKE for p in train[c]]
     benign = [p for c in BENIGN_LIKE for p in train[c]]
     cfg = ControllerConfig(d_model=int(model.cfg.d_model), n_layers=n, input_layers=list(range(max(0, n - 4), n)),
-                           hidden=a.hidden, scale_activation="softplus" if a.objective == "e2e" else "sigmoid",
+                           hidden=a.hidden, pooling=a.pooling, scale_activation="softplus" if a.objective == "e2e" else "sigmoid",
                            alpha=float(vec.norm()) / n, objective=a.objective)
     data = build_training_set(model, harmful, benign, cfg, show_progress=not a.quiet)
     if a.objective == "e2e":
@@ -45,7 +45,7 @@ def _eval(a: argparse.Namespace) -> dict:
 
     model = load_model(a.model, device=a.device, dtype=a.dtype)
     direction = resolve_direction(model, a.direction, show_progress=not a.quiet)
-    cc = CompareConfig(e2e_steps=a.steps)
+    cc = CompareConfig(e2e_steps=a.steps, pooling=a.pooling, seed=a.seed)
     if a.methods:
         cc.methods = tuple(a.methods.split(","))
     out = run_comparison(model, direction, cc, out_dir=a.out, limit=a.limit, show_progress=not a.quiet)
@@ -69,15 +69,20 @@ def register(sub, bench_sub) -> None:
     add_common_args(t)
     t.add_argument("--direction", default=None, help="a saved Direction (default: find + select one)")
     t.add_argument("--objective", choices=["e2e", "bce"], default="e2e")
-    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--steps", type=int, default=600)
     t.add_argument("--hidden", type=int, default=64)
-    t.add_argument("--l1", type=float, default=0.01)
+    t.add_argument("--l1", type=float, default=0.001)
+    t.add_argument("--pooling", choices=["last", "post_instruction_mean"], default="post_instruction_mean",
+                   help="controller input position(s): the last prompt token (the paper) or the post-instruction mean")
     t.add_argument("--out", default="runs/latest/controllers/was_e2e")
     t.set_defaults(func=_train)
     e = csub.add_parser("eval", help="every method (none, actadd, cast, official_equivalent, was_bce, was_e2e) on test")
     add_common_args(e)
     e.add_argument("--direction", default=None, help="a saved Direction (default: find + select one)")
-    e.add_argument("--steps", type=int, default=300, help="end-to-end training steps")
+    e.add_argument("--steps", type=int, default=600, help="end-to-end training steps")
+    e.add_argument("--pooling", choices=["last", "post_instruction_mean"], default="post_instruction_mean",
+                   help="controller input position(s): the last prompt token (the paper) or the post-instruction mean")
+    e.add_argument("--seed", type=int, default=0)
     e.add_argument("--methods", default=None, help="comma-separated subset of methods")
     e.add_argument("--limit", type=int, default=None, help="at most this many prompts per category and split")
     e.add_argument("--out", default="runs/latest/steering")

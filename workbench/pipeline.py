@@ -31,7 +31,7 @@ class RunConfig:
     stages: tuple[str, ...] = STAGES
     figures: bool = True
     png: bool = True
-    e2e_steps: int = 300
+    e2e_steps: int = 600
     n_pairs: int = 16
     #: at most this many prompts per category and split in every stage (``None``: all; small = a quick run)
     limit: int | None = None

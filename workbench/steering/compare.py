@@ -43,15 +43,19 @@ class CompareConfig:
     max_new_tokens: int = 16
     batch_size: int = 64
     input_layers: list[int] | None = None  # default: last 4
-    pooling: str = "last"  # the controller's input position(s): "last" (the paper) or "post_instruction_mean"
+    # the controllers' input position(s): "last" (the paper's choice and ControllerConfig's default) or
+    # "post_instruction_mean"; on the organism the mean over the post-instruction tokens detects unseen
+    # jailbreak wrappers better (linear probe on test: 0.875 vs 0.78 of jailbreaks at ~1 % borderline)
+    pooling: str = "post_instruction_mean"
     hidden: int = 64
     bce_epochs: int = 300
-    e2e_steps: int = 300
+    e2e_steps: int = 600
     e2e_lr: float = 3e-3
-    e2e_l1: float = 0.01
+    e2e_l1: float = 0.001
     e2e_kl: float = 1.0
     e2e_reply: float = 1.0  # weight of the refusal-reply likelihood (0: first-token refusal score only)
     e2e_reply_tokens: int = 8  # length of the target refusal reply (and of the benign KL continuations)
+    e2e_scale_grid: tuple[float, ...] = (0.75, 1.0, 1.25, 1.5)  # multiples of the trained α tried on val
     seed: int = 0
     methods: tuple[str, ...] = ("none", "actadd", "actadd_layer", "cast", "official_equivalent", "was_bce", "was_e2e")
     extra: dict = field(default_factory=dict)
@@ -194,7 +198,16 @@ def compare_methods(
                                    refusal_reply=reply, show_progress=show_progress)
             choices["was_e2e_final_loss"] = hist[-1]
             controllers[name] = ctrl
-            plans[name] = controller_plan(ctrl, d, "was_e2e")
+            base = ctrl.cfg.alpha
+
+            def make(k, ctrl=ctrl, base=base):
+                ctrl.cfg.alpha = base * k  # the operating point, picked on val like every baseline's α
+                return controller_plan(ctrl, d, "was_e2e")
+
+            k, curve = _pick_alpha(model, make, val, cc.e2e_scale_grid, cc, show_progress)
+            choices["was_e2e_scale"] = k
+            curves.append(curve.assign(method="was_e2e"))
+            plans[name] = make(k)
         else:
             raise ValueError(f"unknown method {name!r}")
 
