@@ -73,7 +73,8 @@ def cmd_run(a: argparse.Namespace) -> dict:
 
     stages = tuple(x.strip() for x in a.stages.split(",")) if a.stages else STAGES
     cfg = RunConfig(model=a.model, out_dir=a.out, device=a.device, dtype=a.dtype, store=a.store, stages=stages,
-                    png=not a.no_png, e2e_steps=a.e2e_steps, limit=a.limit, show_progress=not a.quiet)
+                    png=not a.no_png, e2e_steps=a.e2e_steps, limit=a.limit, force=a.force,
+                    show_progress=not a.quiet)
     summary = run_main_job(cfg)
     if a.publish:
         from .report import publish_run
@@ -130,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-png", action="store_true", help="HTML figures only")
     p.add_argument("--limit", type=int, default=None,
                    help="at most this many prompts per category and split in every stage (a quick run)")
+    p.add_argument("--force", action="store_true",
+                   help="recompute every stage (default: reuse the stages a previous run into --out finished with "
+                        "the same model, configuration and workbench code)")
     p.add_argument("--publish", default=None, metavar="DIR",
                    help="also copy the figures, report and small data tables to DIR (e.g. figures/)")
     p.set_defaults(func=cmd_run)

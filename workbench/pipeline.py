@@ -1,13 +1,21 @@
 """The main job behind ``workbench run``: cache -> directions -> patching -> sparsity -> controller -> figures
 -> report.
 
-Every stage reads and writes the one activation store (so a second run reuses it and is much faster), saves
-its artifacts under ``out_dir/<stage>/``, and adds a block to ``summary.json``. Figures go to
-``out_dir/figures/`` as HTML (offline) and PNG; ``report.md`` and ``report.html`` tie them together.
+Every stage reads and writes the one activation store, saves its artifacts under ``out_dir/<stage>/``, and
+adds a block to ``summary.json``. Figures go to ``out_dir/figures/`` as HTML (offline) and PNG; ``report.md``
+and ``report.html`` tie them together.
+
+Two levels of reuse: the activation store serves any run on the same model and prompts (cached activations
+are never recomputed), and a finished stage leaves ``out_dir/<stage>/stage.json`` with a key over the model
+fingerprint, the run configuration and the workbench source; a second run into the same ``out_dir`` with
+the same key reuses that stage's results and figures instead of recomputing them (``force=True`` /
+``--force`` recomputes). Most of a stage's time is generation under interventions, which no activation
+cache can save, so the stage records are what make a repeated run fast.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -35,6 +43,8 @@ class RunConfig:
     n_pairs: int = 16
     #: at most this many prompts per category and split in every stage (``None``: all; small = a quick run)
     limit: int | None = None
+    #: recompute every stage even when ``out_dir`` holds a finished one with the same key
+    force: bool = False
     show_progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -177,9 +187,50 @@ _STAGE_FUNCS: dict[str, Callable[[RunState], dict]] = {
 }
 
 
+def source_hash() -> str:
+    """sha256 over the workbench package's Python sources (a stage record from other code is not reused)."""
+    root = Path(__file__).parent
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.py")):
+        h.update(str(p.relative_to(root)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _stage_key(cfg: RunConfig, stage: str, model_fp: str, code: str) -> str:
+    conf = {k: v for k, v in cfg.__dict__.items() if k not in ("out_dir", "stages", "show_progress", "force")}
+    blob = json.dumps({"stage": stage, "config": conf, "model": model_fp, "code": code}, sort_keys=True,
+                      default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _reuse_stage(st: RunState, stage: str, key: str) -> dict | None:
+    """The recorded summary of a finished stage with this key (its figures re-registered), else ``None``."""
+    rec_path = st.out / stage / "stage.json"
+    if st.cfg.force or not rec_path.exists():
+        return None
+    rec = json.loads(rec_path.read_text())
+    figs = [(s, t, st.out / p) for s, t, p in rec.get("figures", [])]
+    if rec.get("key") != key or not all(p.exists() for _, _, p in figs):
+        return None
+    if stage == "directions":
+        from .directions import Direction
+
+        path = st.out / "directions" / "direction"
+        if not path.with_suffix(".safetensors").exists():
+            return None
+        st.direction = Direction.load(path, model=st.model)
+    st.figures.extend(figs)
+    return rec["summary"]
+
+
 def run_main_job(cfg: RunConfig) -> dict:
-    """Run every stage of ``cfg.stages`` in order; returns the summary (also written to ``summary.json``)."""
-    from .models import load_model
+    """Run every stage of ``cfg.stages`` in order; returns the summary (also written to ``summary.json``).
+
+    A stage finished by an earlier run into the same ``out_dir`` with the same key (model, configuration,
+    workbench source) is reused, not recomputed, unless ``cfg.force``; ``summary["reused"]`` lists them.
+    """
+    from .models import fingerprint, load_model
     from .store import ActivationStore
 
     unknown = [s for s in cfg.stages if s not in _STAGE_FUNCS]
@@ -193,13 +244,27 @@ def run_main_job(cfg: RunConfig) -> dict:
     st = RunState(model, ActivationStore(cfg.store), out, cfg)
     st.summary["model"] = cfg.model
     timings = {"load_model": round(time.time() - t0, 1)}
+    model_fp, code = fingerprint(model), source_hash()
+    reused = []
     for stage in cfg.stages:
         t = time.time()
-        st.summary[stage] = _STAGE_FUNCS[stage](st)
+        key = _stage_key(cfg, stage, model_fp, code)
+        result = _reuse_stage(st, stage, key)
+        if result is not None:
+            reused.append(stage)
+        else:
+            n_figs = len(st.figures)
+            result = _STAGE_FUNCS[stage](st)
+            (out / stage).mkdir(exist_ok=True)
+            rec = {"key": key, "summary": result,
+                   "figures": [(s, ti, str(p.relative_to(out))) for s, ti, p in st.figures[n_figs:]]}
+            (out / stage / "stage.json").write_text(json.dumps(rec, indent=2, default=str))
+        st.summary[stage] = result
         timings[stage] = round(time.time() - t, 1)
         (out / "summary.json").write_text(json.dumps({**st.summary, "seconds": timings}, indent=2, default=str))
     timings["total"] = round(time.time() - t0, 1)
     st.summary["seconds"] = timings
+    st.summary["reused"] = reused
     (out / "summary.json").write_text(json.dumps(st.summary, indent=2, default=str))
     from .report import write_report
 

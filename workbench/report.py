@@ -9,11 +9,17 @@ from pathlib import Path
 
 def _rates_table(methods: dict) -> list[str]:
     cats = ["harmful", "jailbreak", "benign", "borderline"]
-    lines = ["| method | " + " | ".join(cats) + " | KL benign |", "|---" * (len(cats) + 2) + "|"]
+    lines = ["| method | " + " | ".join(cats) + " | KL benign (first token) | CE benign replies (Δ nats/token) |",
+             "|---" * (len(cats) + 3) + "|"]
+
+    def num(x):
+        return "-" if x is None else f"{x + 0.0:.4f}"  # + 0.0: no "-0.0000"
+
     for name, r in methods.items():
         rates = r.get("refusal_rate", {})
         cells = [f"{100 * rates[c]:.1f} %" if c in rates else "-" for c in cats]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r.get('kl_benign', '-')} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {num(r.get('kl_benign'))} | "
+                     f"{num(r.get('ce_benign_delta'))} |")
     return lines
 
 
@@ -41,7 +47,11 @@ def headline_markdown(summary: dict) -> list[str]:
             block = {k: v for k, v in summary[stage].items() if k not in ("config",)}
             out += [f"## {stage.capitalize()}", "", "```json", json.dumps(block, indent=2, default=str)[:6000], "```", ""]
     if summary.get("seconds"):
-        out += ["## Run time (seconds)", "", "```json", json.dumps(summary["seconds"], indent=2), "```", ""]
+        out += ["## Run time (seconds)", ""]
+        if summary.get("reused"):
+            out += [f"Reused from the previous run into this directory (same model, configuration and code): "
+                    f"{', '.join(summary['reused'])}.", ""]
+        out += ["```json", json.dumps(summary["seconds"], indent=2), "```", ""]
     return out
 
 

@@ -1,0 +1,96 @@
+"""The main job (``workbench run``) end to end on the organism, in its quick mode, and publishing a run."""
+
+import json
+
+import pytest
+
+from workbench.errors import WorkbenchError
+from workbench.models import organism_dir
+from workbench.pipeline import RunConfig, run_main_job
+from workbench.report import publish_run
+
+pytestmark = pytest.mark.skipif(not (organism_dir() / "model" / "config.json").exists(),
+                                reason="the model organism is not built")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    cfg = RunConfig(out_dir=str(root / "out"), store=str(root / "store"), limit=8, n_pairs=4, e2e_steps=10,
+                    show_progress=False)
+    return root, run_main_job(cfg)
+
+
+@pytest.mark.slow
+def test_main_job_quick_run_writes_everything(quick_run):
+    root, summary = quick_run
+    out = root / "out"
+    saved = json.loads((out / "summary.json").read_text())
+    assert set(saved["seconds"]) >= {"load_model", "evaluate", "directions", "patching", "sparsity", "steering",
+                                     "total"}
+    assert saved["evaluate"]["n"] == {"harmful": 8, "jailbreak": 8, "benign": 8, "borderline": 8}
+    # the organism's refusal is planted: the base model refuses harmful prompts and answers benign ones
+    assert saved["evaluate"]["refusal_rate"]["harmful"] >= 0.75
+    assert saved["evaluate"]["refusal_rate"]["benign"] <= 0.25
+    assert set(saved["steering"]["methods"]) >= {"none", "actadd", "cast", "official_equivalent", "was_bce",
+                                                 "was_e2e"}
+    assert "ce_benign_delta" in saved["steering"]["methods"]["actadd"]
+    pngs = sorted((out / "figures").glob("*.png"))
+    htmls = sorted((out / "figures").glob("*.html"))
+    assert len(pngs) >= 10 and len(htmls) == len(pngs)
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5_000 for p in pngs)
+    md = (out / "report.md").read_text()
+    assert "Weighted Activation Steering" in md and "](figures/" in md
+    assert (out / "report.html").exists() and (out / "directions" / "direction.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_second_run_reuses_the_store(quick_run):
+    root, _ = quick_run
+    store_files = sorted(p for p in (root / "store").rglob("*") if p.is_file())
+    cfg = RunConfig(out_dir=str(root / "again"), store=str(root / "store"), limit=8, n_pairs=4,
+                    stages=("directions",), figures=False, show_progress=False)
+    again = run_main_job(cfg)
+    assert sorted(p for p in (root / "store").rglob("*") if p.is_file()) == store_files  # nothing recomputed
+    first = json.loads((root / "out" / "summary.json").read_text())["directions"]
+    assert again["directions"]["selected"] == first["selected"]
+
+
+@pytest.mark.slow
+def test_publish_run_flat_layout(quick_run, tmp_path):
+    root, _ = quick_run
+    dest = publish_run(root / "out", tmp_path / "figures")
+    assert (dest / "plotly.min.js").exists()
+    assert len(list(dest.glob("*.png"))) == len(list((root / "out" / "figures").glob("*.png")))
+    md = (dest / "report.md").read_text()
+    assert "](figures/" not in md and "](refusal_rates.png)" in md
+    assert (dest / "data" / "summary.json").exists()
+    assert (dest / "data" / "steering" / "steering_generations.jsonl").exists()
+    assert (dest / "data" / "directions" / "candidate_scores.csv").exists()
+
+
+@pytest.mark.slow
+def test_second_run_into_the_same_dir_reuses_finished_stages(quick_run):
+    root, first = quick_run
+    cfg = RunConfig(out_dir=str(root / "out"), store=str(root / "store"), limit=8, n_pairs=4, e2e_steps=10,
+                    show_progress=False)
+    again = run_main_job(cfg)
+    assert again["reused"] == ["evaluate", "directions", "patching", "sparsity", "steering"]
+    assert again["steering"]["methods"] == json.loads(json.dumps(first["steering"]["methods"]))
+    assert again["seconds"]["total"] < 0.5 * first["seconds"]["total"]
+    assert "Reused from the previous run" in (root / "out" / "report.md").read_text()
+    assert len(list((root / "out" / "figures").glob("*.png"))) >= 10
+    # another configuration, or force, recomputes
+    forced = run_main_job(RunConfig(out_dir=str(root / "out"), store=str(root / "store"), limit=8, n_pairs=4,
+                                    stages=("evaluate",), force=True, show_progress=False))
+    assert forced["reused"] == []
+    other = run_main_job(RunConfig(out_dir=str(root / "out"), store=str(root / "store"), limit=6, n_pairs=4,
+                                   stages=("evaluate",), show_progress=False))
+    assert other["reused"] == [] and other["evaluate"]["n"]["harmful"] == 6
+
+
+def test_bad_runs(tmp_path):
+    with pytest.raises(WorkbenchError, match="unknown stage"):
+        run_main_job(RunConfig(out_dir=str(tmp_path / "x"), stages=("evaluate", "nope")))
+    with pytest.raises(WorkbenchError, match="not a finished main-job run"):
+        publish_run(tmp_path, tmp_path / "dest")
