@@ -406,8 +406,7 @@ def _organism_available() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _organism_available(), reason="the model organism is not built")
 def test_selected_direction_matches_organism_ground_truth():
-    from workbench.directions.report import load_ground_truth
-    from workbench.models import organism_dir
+    from workbench.organism import ground_truth_of
 
     model = wb.load_model("organism", device="cpu")
     sel = wd.find_refusal_direction(
@@ -416,7 +415,7 @@ def test_selected_direction_matches_organism_ground_truth():
         wb.organism_prompts("val", "harmful"), wb.organism_prompts("val", "benign"),
         show_progress=False,
     )
-    gt, _ = load_ground_truth(organism_dir() / "model")
+    _, gt = ground_truth_of(model)
     cos = float(wd.unit(sel.direction.vector) @ wd.unit(gt))
     assert cos >= 0.9, f"cos with the planted direction {cos:.3f} (selected layer {sel.direction.layer})"
     assert sel.direction.scores["kl"] <= 0.1

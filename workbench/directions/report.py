@@ -15,40 +15,15 @@ The measured quantities (test split, greedy decoding, substring judge):
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import torch
 
 from ..chat import tokenize_chat
 from ..data import organism_prompts
-from ..errors import WorkbenchError
 from ..generation import generate
 from ..judge import refusal_rate
 from .interventions import ablation_hooks, actadd_hooks, unit
 from .select import SelectionConfig, Selection, _kl, base_logits, find_refusal_direction
-
-
-def load_ground_truth(model_dir: str | Path) -> tuple[torch.Tensor, int | None] | None:
-    """``(Float[Tensor, "d_model"], layer)`` planted in an organism directory, or ``None`` when absent."""
-    model_dir = Path(model_dir)
-    st = model_dir / "ground_truth.safetensors"
-    if not st.exists():
-        return None
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(st))
-    if "direction" not in tensors:
-        raise WorkbenchError(f"{str(st)!r} has no 'direction' tensor (keys: {sorted(tensors)})")
-    layer = None
-    meta = model_dir / "organism.json"
-    if meta.exists():
-        info = json.loads(meta.read_text())
-        for src in (info, info.get("ground_truth", {}), info.get("config", {})):
-            if isinstance(src, dict) and isinstance(src.get("layer"), int):
-                layer = src["layer"]
-                break
-    return tensors["direction"].float(), layer
 
 
 @torch.no_grad()
@@ -98,10 +73,11 @@ def directions_report(
         "benign_base": refusal_rate(generate(model, b_te, **gen)),
     }
     summary: dict = {"selected": {"layer": d.layer, "position": d.position}}
-    src = getattr(model, "_wb_source", {}) or {}
-    gt = load_ground_truth(src["path"]) if src.get("local") else None
+    from ..organism import ground_truth_of
+
+    gt = ground_truth_of(model)
     if gt is not None:
-        gt_vec, gt_layer = gt
+        gt_layer, gt_vec = gt
         cos = float(unit(d.vector.float()) @ unit(gt_vec.float()))
         summary["cos_ground_truth"] = round(cos, 4)
         summary["ground_truth_layer"] = gt_layer

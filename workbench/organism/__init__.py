@@ -25,6 +25,7 @@ __all__ = [
     "make_pairs",
     "serialize_corpus",
     "load_ground_truth",
+    "ground_truth_of",
 ]
 
 
@@ -40,3 +41,17 @@ def load_ground_truth(model_dir: str | Path) -> tuple[int, "torch.Tensor"]:  # n
     gt = meta["ground_truth"]
     direction = load_file(str(model_dir / gt["direction_file"]))[gt["direction_key"]]
     return int(gt["layer"]), direction
+
+
+def ground_truth_of(model) -> "tuple[int, torch.Tensor] | None":  # noqa: F821
+    """``(planted layer, unit direction)`` when ``model`` was loaded from an organism checkpoint, else ``None``.
+
+    The safety tune writes along the direction at block ``layer`` (``hook_attn_out`` / ``hook_mlp_out``), so
+    the first residual stream carrying it is ``blocks.{layer+1}.hook_resid_pre``.
+    """
+    src = getattr(model, "_wb_source", None) or {}
+    path = src.get("path")
+    if not path or not (Path(path) / "organism.json").exists():
+        return None
+    layer, u = load_ground_truth(path)
+    return layer, u.float()

@@ -68,23 +68,15 @@ def diff_in_means(runs: PatchingRuns, layer: int) -> torch.Tensor:
 
 
 def organism_ground_truth(model) -> tuple[int, torch.Tensor] | None:
-    """``(planted layer L, unit direction u)`` when ``model`` is an organism checkpoint (has ``organism.json``).
+    """``(planted layer L, unit direction u)`` of an organism checkpoint (see
+    :func:`workbench.organism.ground_truth_of`), ``None`` otherwise or when unreadable (logged)."""
+    from ..organism import ground_truth_of
 
-    The organism's safety tune writes along ``u`` at block ``L`` (``hook_attn_out`` / ``hook_mlp_out``), so the
-    first residual stream that carries it is ``blocks.{L+1}.hook_resid_pre``.
-    """
-    src = getattr(model, "_wb_source", None) or {}
-    path = src.get("path")
-    if not path or not (Path(path) / "organism.json").exists():
-        return None
     try:
-        from ..organism import load_ground_truth
-
-        layer, u = load_ground_truth(path)
-    except (OSError, KeyError, ValueError, ImportError) as exc:
+        return ground_truth_of(model)
+    except (OSError, KeyError, ValueError) as exc:
         log.warning("could not read the organism's ground truth: %s", exc)
         return None
-    return int(layer), u.float()
 
 
 def run_patching(

@@ -18,7 +18,6 @@ What runs on which prompts (``organism_prompts(split, category)``, at most ``lim
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -77,30 +76,6 @@ class SparsityConfig:
 
 def _r(x, nd: int = 4):
     return None if x is None else round(float(x), nd)
-
-
-def _ground_truth(model) -> tuple[torch.Tensor, int | None] | None:
-    src = getattr(model, "_wb_source", None) or {}
-    if not src.get("local"):
-        return None
-    d = Path(src["path"])
-    st = d / "ground_truth.safetensors"
-    if not st.exists():
-        return None
-    from safetensors.torch import load_file
-
-    vec = load_file(str(st)).get("direction")
-    if vec is None:
-        return None
-    layer = None
-    meta = d / "organism.json"
-    if meta.exists():
-        info = json.loads(meta.read_text())
-        for s in (info, info.get("ground_truth", {}), info.get("config", {})):
-            if isinstance(s, dict) and isinstance(s.get("layer"), int):
-                layer = s["layer"]
-                break
-    return vec.float(), layer
 
 
 def diff_in_means_last(model, harmful, harmless, layer: int, store=None, batch_size: int = 32,
@@ -220,7 +195,10 @@ def sparsity_report(model, config: SparsityConfig | None = None, direction=None,
     if "direction" in cfg.steps:
         t = time.time()
         dirs = {}
-        gt = _ground_truth(model)
+        from ..organism import ground_truth_of
+
+        truth = ground_truth_of(model)
+        gt = (truth[1], truth[0]) if truth is not None else None  # (vector, layer)
         if direction is not None:
             dirs["given"] = (direction_vector(direction, d_model=int(model.cfg.d_model)).float(),
                              getattr(direction, "layer", None))

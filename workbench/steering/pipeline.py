@@ -11,7 +11,6 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 
 from ..data import CATEGORIES, organism_splits
 from ..errors import WorkbenchError
