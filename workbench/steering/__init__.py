@@ -2,10 +2,10 @@
 training objectives, baselines and evaluation."""
 
 from .controller import Controller, ControllerConfig, load_controller, save_controller
-from .hooks import actadd_all_layers_hooks, steering_hooks
+from .hooks import steering_hooks
 from .steer import SteeringPlan, controller_inputs, generate_steered
 
 __all__ = [
-    "Controller", "ControllerConfig", "SteeringPlan", "actadd_all_layers_hooks", "controller_inputs",
+    "Controller", "ControllerConfig", "SteeringPlan", "controller_inputs",
     "generate_steered", "load_controller", "save_controller", "steering_hooks",
 ]

@@ -7,9 +7,8 @@ last prompt position and every generated token, as Weighted Activation Steering 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-import torch
 from torch import Tensor
 
 from ..errors import WorkbenchError
@@ -63,15 +62,3 @@ def steering_hooks(
 
     return [(hook_name(hook, l), make(l)) for l in range(coeffs.shape[1]) if bool((coeffs[:, l] != 0).any())]
 
-
-def actadd_all_layers_hooks(
-    direction: Tensor, alpha: float, n_layers: int, layers: Sequence[int] | None = None, batch: int = 1,
-    hook: str = "resid_pre",
-) -> list[tuple[str, Callable]]:
-    """Fixed activation addition ``α · d`` at ``layers`` (default: every layer), last position + generated tokens."""
-    coeffs = torch.zeros(batch, n_layers)
-    for l in (range(n_layers) if layers is None else layers):
-        if not 0 <= l < n_layers:
-            raise WorkbenchError(f"layer {l} out of range for a model of {n_layers} layers")
-        coeffs[:, l] = alpha
-    return steering_hooks(coeffs, direction, hook)
