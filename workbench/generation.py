@@ -48,21 +48,9 @@ def generate_batch(
         prompt position, ``Float[Tensor, "batch d_vocab"]`` (for the refusal score).
     """
     tok = model.tokenizer
-    device = next(model.parameters()).device
-    batch = batch.to(device)
     eos = eos_ids(tok, model)
-    with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
-        out = model.original_model.generate(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=tok.pad_token_id,
-            return_dict_in_generate=True,
-            output_logits=True,
-            **generate_kwargs,
-        )
+    out = _greedy(model, batch, max_new_tokens, fwd_hooks, eos_token_id=eos, return_dict_in_generate=True,
+                  output_logits=True, **generate_kwargs)
     new = out.sequences[:, batch.input_ids.shape[1]:]
     replies = []
     for row in new.tolist():
@@ -92,11 +80,15 @@ def generate(
 def greedy_continuations(model, batch: ChatBatch, n_tokens: int, fwd_hooks: Sequence[Hook] = ()) -> torch.Tensor:
     """Exactly ``n_tokens`` greedy reply tokens per row (eos not allowed to stop early):
     ``Int[Tensor, "batch n_tokens"]``. Fixed-length continuations stack without padding (training targets)."""
-    device = next(model.parameters()).device
-    batch = batch.to(device)
-    with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
-        out = model.original_model.generate(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=n_tokens,
-            min_new_tokens=n_tokens, do_sample=False, pad_token_id=model.tokenizer.pad_token_id,
-        )
+    out = _greedy(model, batch, n_tokens, fwd_hooks, min_new_tokens=n_tokens)
     return out[:, batch.input_ids.shape[1]:]
+
+
+def _greedy(model, batch: ChatBatch, max_new_tokens: int, fwd_hooks: Sequence[Hook], **generate_kwargs):
+    """Hugging Face greedy ``generate`` on the bridge's wrapped model, ``fwd_hooks`` active throughout."""
+    batch = batch.to(next(model.parameters()).device)
+    with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
+        return model.original_model.generate(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
+            do_sample=False, pad_token_id=model.tokenizer.pad_token_id, **generate_kwargs,
+        )

@@ -25,8 +25,7 @@ def hook_name(alias: str, layer: int) -> str:
 
 
 def steering_hooks(
-    coeffs: Tensor, direction: Tensor, hook: str = "resid_pre", all_positions: bool = False,
-    start: int | None = None,
+    coeffs: Tensor, direction: Tensor, hook: str = "resid_pre", start: int = -1,
 ) -> list[tuple[str, Callable]]:
     """Hooks adding ``coeffs[b, l] * direction`` to layer ``l``'s residual stream of row ``b``.
 
@@ -34,9 +33,10 @@ def steering_hooks(
         coeffs: ``Float[Tensor, "batch n_layers"]`` (``s · w_l · α`` per row and layer; differentiable);
             a single row broadcasts over any batch.
         direction: ``Float[Tensor, "d_model"]``, used as given (pass a unit vector).
-        all_positions: edit every position instead of the last one only (ActAdd-style).
-        start: edit positions ``start:`` instead of the last one only: with ``start`` = index of the last
-            prompt token, a teacher-forced forward over prompt + reply is steered exactly as generation is.
+        start: the positions edited are ``start:``. The default ``-1`` is the last position (the last prompt
+            token in the prefill, the new token in each cached step); ``start`` = index of the last prompt
+            token steers a teacher-forced forward over prompt + reply exactly as generation is; ``0`` edits
+            every position (ActAdd-style).
     """
     if coeffs.ndim != 2:
         raise WorkbenchError(f"coeffs must be [batch, n_layers], got shape {tuple(coeffs.shape)}")
@@ -49,13 +49,8 @@ def steering_hooks(
             elif c.shape[0] != act.shape[0]:
                 raise WorkbenchError(f"steering coeffs for {c.shape[0]} rows applied to a batch of {act.shape[0]}")
             d = direction.to(device=act.device, dtype=act.dtype)
-            if all_positions:
-                return act + c[:, None, None] * d
             out = act.clone()
-            if start is not None:
-                out[:, start:] = out[:, start:] + c[:, None, None] * d
-                return out
-            out[:, -1] = out[:, -1] + c[:, None] * d
+            out[:, start:] = out[:, start:] + c[:, None, None] * d
             return out
 
         return fn

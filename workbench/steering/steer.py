@@ -71,8 +71,9 @@ class SteeringPlan:
     coeffs: Callable[[object, ChatBatch], tuple[Tensor, dict]]
     hook: str = "resid_pre"
 
-    def hooks_for(self, model, batch: ChatBatch, start: int | None = None):
-        """Hooks for ``batch`` (and per-row info); ``start``: steer positions ``start:`` (teacher forcing)."""
+    def hooks_for(self, model, batch: ChatBatch, start: int = -1):
+        """Hooks for ``batch`` (and per-row info); ``start``: the positions steered, ``start:`` (see
+        :func:`~workbench.steering.hooks.steering_hooks`)."""
         coeffs, info = self.coeffs(model, batch)
         return steering_hooks(coeffs, self.direction, self.hook, start=start), info
 

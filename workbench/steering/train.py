@@ -162,22 +162,25 @@ def train_e2e(model, direction: Tensor, data: TrainingSet, cfg: ControllerConfig
             c = cont[idx.to(device)]
             ids = torch.cat([ids, c], 1)
             mask = torch.cat([mask, torch.ones_like(c, dtype=mask.dtype)], 1)
+        y = data.labels[idx].to(device)
+        ben = y == 0
+        # the unsteered reference, only for the benign rows the KL uses; computed per step, because stored
+        # for every prompt it would be n_benign x (reply + 1) x d_vocab floats (GBs for a 128k vocabulary)
         with torch.no_grad():
-            ref = torch.log_softmax(model(ids, attention_mask=mask)[:, n_prompt - 1:].float(), -1)
+            ref = torch.log_softmax(model(ids[ben], attention_mask=mask[ben])[:, n_prompt - 1:].float(), -1)
         hooks = steering_hooks(coeffs, direction.to(device), cfg.steer_hook,
-                               start=n_prompt - 1 if cont is not None else None)
+                               start=n_prompt - 1 if cont is not None else -1)
         with model.hooks(fwd_hooks=hooks):
             logp = torch.log_softmax(model(ids, attention_mask=mask)[:, n_prompt - 1:].float(), -1)
-        y = data.labels[idx].to(device)
         score = refusal_score(logp[:, 0], ref_ids)
         refuse_loss = (F.softplus(-score) * y).sum() / y.sum().clamp_min(1)
         reply_loss = torch.zeros((), device=device)
         if cont is not None:
             nll = -logp[:, :-1].gather(-1, c[..., None])[..., 0].mean(1)
             reply_loss = (nll * y).sum() / y.sum().clamp_min(1)
-        kl_pos = (ref.exp() * (ref - logp)).sum(-1)
+        kl_pos = (ref.exp() * (ref - logp[ben])).sum(-1)
         kl_pos = kl_pos[:, :-1] if cont is not None else kl_pos
-        kl = (kl_pos.mean(1) * (1 - y)).sum() / (1 - y).sum().clamp_min(1)
+        kl = kl_pos.mean(1).sum() / ben.sum().clamp_min(1)
         l1 = w.mean()
         loss = weights.refusal * refuse_loss + weights.reply * reply_loss + weights.kl * kl + weights.l1 * l1
         opt.zero_grad()
