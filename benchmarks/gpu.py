@@ -119,25 +119,12 @@ def _reset_peak(device: torch.device) -> None:
 
 def bench_store(model, prompts: list[str], batch_size: int, repeats: int) -> dict:
     """Store (resid_pre, every layer, post-instruction positions) vs a bare forward on the same batches."""
-    from workbench.chat import tokenize_chat
-    from workbench.store import ActivationStore, get_or_compute
+    from workbench.store.bench import forward_and_store_runs
 
     device = next(model.parameters()).device
-    batches = [tokenize_chat(model.tokenizer, prompts[i:i + batch_size]).to(device)
-               for i in range(0, len(prompts), batch_size)]
-    tokens = int(sum(b.attention_mask.sum() for b in batches))
     tmp = Path(tempfile.mkdtemp(prefix="wb-gpu-store-"))
-
-    def bare():
-        with torch.inference_mode():
-            for b in batches:
-                model(b.input_ids, attention_mask=b.attention_mask)
-
-    def store():
-        root = tmp / f"s{time.perf_counter_ns()}"
-        get_or_compute(model, prompts, hooks="resid_pre", positions="post_instruction", store=ActivationStore(root),
-                       batch_size=batch_size, show_progress=False)
-        shutil.rmtree(root, ignore_errors=True)
+    batches, bare, store = forward_and_store_runs(model, prompts, batch_size, tmp)
+    tokens = int(sum(b.attention_mask.sum() for b in batches))
 
     _reset_peak(device)
     try:

@@ -88,16 +88,18 @@ class _PeakRSS:
         return max(self.peak, _current_rss_mb()), self.how
 
 
-def _time_model(model, prompts: list[str], batch_size: int, repeats: int) -> dict:
+def forward_and_store_runs(model, prompts: list[str], batch_size: int, tmp: Path):
+    """The two runs every store benchmark compares, on the same batches (on the model's device):
+    ``(batches, bare, store)``; ``bare()`` is a plain forward of every batch, ``store()`` computes a fresh
+    store entry of ``resid_pre`` at every layer and the post-instruction positions under ``tmp`` (then
+    deletes it)."""
     from ..chat import tokenize_chat
-    from ..models import fingerprint
     from .compute import get_or_compute
     from .core import ActivationStore
-    from .spec import resolve_hooks
 
-    batches = [tokenize_chat(model.tokenizer, prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
-    names = resolve_hooks(model, "resid_pre")
-    tmp = Path(tempfile.mkdtemp(prefix="wb-bench-store-"))
+    device = next(model.parameters()).device
+    batches = [tokenize_chat(model.tokenizer, prompts[i:i + batch_size]).to(device)
+               for i in range(0, len(prompts), batch_size)]
 
     def bare():
         with torch.inference_mode():
@@ -109,6 +111,17 @@ def _time_model(model, prompts: list[str], batch_size: int, repeats: int) -> dic
         get_or_compute(model, prompts, hooks="resid_pre", positions="post_instruction",
                        store=ActivationStore(root), batch_size=batch_size, show_progress=False)
         shutil.rmtree(root, ignore_errors=True)
+
+    return batches, bare, store
+
+
+def _time_model(model, prompts: list[str], batch_size: int, repeats: int) -> dict:
+    from ..models import fingerprint
+    from .spec import resolve_hooks
+
+    names = resolve_hooks(model, "resid_pre")
+    tmp = Path(tempfile.mkdtemp(prefix="wb-bench-store-"))
+    batches, bare, store = forward_and_store_runs(model, prompts, batch_size, tmp)
 
     def tl_cache_all():
         with torch.inference_mode():
