@@ -28,6 +28,7 @@ from ..evaluate import Evaluation, evaluate_refusal, first_token_kl, reply_cross
 from ..progress import progress
 from .controller import Controller, ControllerConfig
 from .steer import SteeringPlan, controller_inputs, controller_plan, fixed_plan, gated_plan
+from .augment import wrapped_benign
 from .train import TrainingSet, build_training_set, train_bce, train_e2e
 
 HARMFUL_LIKE = ("harmful", "jailbreak")
@@ -50,14 +51,18 @@ class CompareConfig:
     # jailbreak wrappers better (linear probe on test: 0.875 vs 0.78 of jailbreaks at ~1 % borderline)
     pooling: str = "post_instruction_mean"
     hidden: int = 64
+    e2e_scale_head: str = "mlp"  # the e2e controller's detector (ControllerConfig.scale_head)
+    # add the train jailbreaks' wrappers around benign prompts as benign training examples (see .augment)
+    wrapped_negatives: bool = False
     bce_epochs: int = 300
     e2e_steps: int = 600
     e2e_lr: float = 3e-3
     e2e_l1: float = 0.001
     e2e_kl: float = 1.0
+    e2e_detect: float = 1.0  # weight of the auxiliary detection loss on the scale logit (see E2EWeights)
     e2e_reply: float = 1.0  # weight of the refusal-reply likelihood (0: first-token refusal score only)
     e2e_reply_tokens: int = 8  # length of the target refusal reply (and of the benign KL continuations)
-    e2e_scale_grid: tuple[float, ...] = (0.5, 0.625, 0.75, 1.0, 1.25)  # multiples of the trained α tried on val
+    e2e_scale_grid: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)  # multiples of the trained α tried on val
     seed: int = 0
     methods: tuple[str, ...] = ("none", "actadd", "actadd_layer", "cast", "official_equivalent", "was_bce", "was_e2e")
     extra: dict = field(default_factory=dict)
@@ -135,12 +140,15 @@ def compare_methods(
     in_layers = cc.input_layers or list(range(max(0, n - 4), n))
     harmful = [p for c in HARMFUL_LIKE for p in train.get(c, [])]
     benign = [p for c in BENIGN_LIKE for p in train.get(c, [])]
+    wrapped = (wrapped_benign(train.get("jailbreak", []), train.get("harmful", []), benign, seed=cc.seed)
+               if cc.wrapped_negatives else [])
+    benign += wrapped
     base_cfg = dict(d_model=int(model.cfg.d_model), n_layers=n, input_layers=in_layers, hidden=cc.hidden,
                     pooling=cc.pooling)
     data = build_training_set(model, harmful, benign, ControllerConfig(**base_cfg), show_progress=show_progress)
 
     plans: dict[str, SteeringPlan | None] = {}
-    choices: dict = {}
+    choices: dict = {"n_wrapped_negatives": len(wrapped)}
     curves = []
     controllers: dict[str, Controller] = {}
     steps = progress(cc.methods, "methods", show_progress)
@@ -190,14 +198,15 @@ def compare_methods(
             plans[name] = make(a)
             controllers[name] = ctrl
         elif name == "was_e2e":
-            cfg = ControllerConfig(**base_cfg, scale_activation="softplus", alpha=alpha_unit / n, objective="e2e")
+            cfg = ControllerConfig(**base_cfg, scale_activation="softplus", alpha=alpha_unit / n, objective="e2e",
+                                   scale_head=cc.e2e_scale_head)
             from .train import E2EWeights, typical_refusal
 
             reply = (typical_refusal(model, train.get("harmful", [])[:64], cc.e2e_reply_tokens)
                      if cc.e2e_reply > 0 else None)
             choices["was_e2e_refusal_reply"] = reply
             ctrl, hist = train_e2e(model, d, data, cfg, steps=cc.e2e_steps, lr=cc.e2e_lr, seed=cc.seed,
-                                   weights=E2EWeights(kl=cc.e2e_kl, l1=cc.e2e_l1, reply=cc.e2e_reply),
+                                   weights=E2EWeights(kl=cc.e2e_kl, l1=cc.e2e_l1, reply=cc.e2e_reply, detect=cc.e2e_detect),
                                    refusal_reply=reply, show_progress=show_progress)
             choices["was_e2e_final_loss"] = hist[-1]
             controllers[name] = ctrl

@@ -36,6 +36,9 @@ class ControllerConfig:
         input_hook: hook alias read at the input layers (``resid_pre`` / ``resid_post``).
         pooling: ``"last"`` (the last prompt token) or ``"post_instruction_mean"``.
         hidden: hidden width of the MLP.
+        scale_head: ``"mlp"`` (the paper: ``s`` from the MLP's hidden layer) or ``"linear"`` (the scale logit is
+            a linear read-out of the standardised inputs, a probe; ``w`` still comes from the MLP). A linear
+            detector generalised better to unseen jailbreak wrappers on the organism (NOTES.md).
         scale_activation: ``"softplus"`` (s in [0, inf), end-to-end training), ``"sigmoid"`` (s in [0, 1],
             the discriminative objective) or ``"identity"`` (raw, unbounded: the official code's behaviour).
         alpha: steering strength ``α`` multiplying the unit direction.
@@ -48,6 +51,7 @@ class ControllerConfig:
     input_hook: str = "resid_pre"
     pooling: str = "last"
     hidden: int = 64
+    scale_head: str = "mlp"
     scale_activation: str = "softplus"
     alpha: float = 1.0
     steer_hook: str = "resid_pre"
@@ -67,6 +71,8 @@ class ControllerConfig:
                 raise WorkbenchError(f"steer_layers {bad} out of range for a model of {self.n_layers} layers")
         if self.pooling not in ("last", "post_instruction_mean"):
             raise WorkbenchError(f"unknown pooling {self.pooling!r}; expected 'last' or 'post_instruction_mean'")
+        if self.scale_head not in ("mlp", "linear"):
+            raise WorkbenchError(f"unknown scale_head {self.scale_head!r}; expected 'mlp' or 'linear'")
         if self.scale_activation not in ("softplus", "sigmoid", "identity"):
             raise WorkbenchError(f"unknown scale_activation {self.scale_activation!r}")
 
@@ -84,7 +90,7 @@ class Controller(nn.Module):
         self.register_buffer("mu", torch.zeros(n_in))
         self.register_buffer("sigma", torch.ones(n_in))
         self.body = nn.Sequential(nn.Linear(n_in, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.hidden), nn.GELU())
-        self.scale_head = nn.Linear(cfg.hidden, 1)
+        self.scale_head = nn.Linear(n_in if cfg.scale_head == "linear" else cfg.hidden, 1)
         self.weight_head = nn.Linear(cfg.hidden, cfg.n_layers)
         nn.init.zeros_(self.weight_head.weight)
         nn.init.zeros_(self.weight_head.bias)  # w starts at 0.5 on every layer
@@ -98,7 +104,8 @@ class Controller(nn.Module):
     def scale_logit(self, x: Tensor) -> tuple[Tensor, Tensor]:
         flat = (x.reshape(x.shape[0], -1).float() - self.mu) / self.sigma
         h = self.body(flat)
-        return self.scale_head(h).squeeze(-1), self.weight_head(h)
+        logit = self.scale_head(flat if self.cfg.scale_head == "linear" else h)
+        return logit.squeeze(-1), self.weight_head(h)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Returns ``s`` (``[batch]``) and ``w`` (``[batch, n_layers]``)."""

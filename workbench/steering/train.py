@@ -108,6 +108,10 @@ class E2EWeights:
     reply: float = 1.0
     kl: float = 1.0
     l1: float = 0.01
+    # binary cross-entropy of the scale logit (harmful 1 / benign 0), the paper's discriminative loss kept as
+    # an auxiliary term: without it the softplus scale can collapse to 0 for every prompt early in training
+    # (no steering, no gradient), measured on the organism with wrapped-benign negatives (NOTES.md)
+    detect: float = 0.0
     extra: dict = field(default_factory=dict)
 
 
@@ -155,7 +159,8 @@ def train_e2e(model, direction: Tensor, data: TrainingSet, cfg: ControllerConfig
         idx = torch.cat([pos[torch.randint(len(pos), (half,), generator=gen)],
                          neg[torch.randint(len(neg), (half,), generator=gen)]])
         sub = _rows(data.batch, idx).to(device)
-        s, w = ctrl(data.inputs[idx].to(device))
+        x = data.inputs[idx].to(device)
+        s, w = ctrl(x)
         coeffs = s[:, None] * w * cfg.alpha
         ids, mask, n_prompt = sub.input_ids, sub.attention_mask, sub.input_ids.shape[1]
         if cont is not None:
@@ -182,12 +187,15 @@ def train_e2e(model, direction: Tensor, data: TrainingSet, cfg: ControllerConfig
         kl_pos = kl_pos[:, :-1] if cont is not None else kl_pos
         kl = kl_pos.mean(1).sum() / ben.sum().clamp_min(1)
         l1 = w.mean()
-        loss = weights.refusal * refuse_loss + weights.reply * reply_loss + weights.kl * kl + weights.l1 * l1
+        detect = (F.binary_cross_entropy_with_logits(ctrl.scale_logit(x)[0], y) if weights.detect
+                  else torch.zeros((), device=device))
+        loss = (weights.refusal * refuse_loss + weights.reply * reply_loss + weights.kl * kl + weights.l1 * l1
+                + weights.detect * detect)
         opt.zero_grad()
         loss.backward()
         opt.step()
         history.append({"loss": loss.item(), "refusal": refuse_loss.item(), "reply": reply_loss.item(),
-                        "kl": kl.item(), "l1": l1.item()})
+                        "kl": kl.item(), "l1": l1.item(), "detect": detect.item()})
     _assert_frozen(model, params_before)
     return ctrl.eval(), history
 
