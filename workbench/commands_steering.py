@@ -8,7 +8,7 @@ import argparse
 def _train(a: argparse.Namespace) -> dict:
     from .data import CATEGORIES, organism_splits
     from .models import load_model
-    from .steering.compare import BENIGN_LIKE, HARMFUL_LIKE
+    from .steering.compare import training_prompts
     from .steering.controller import ControllerConfig, save_controller
     from .steering.pipeline import resolve_direction
     from .steering.train import E2EWeights, build_training_set, train_bce, train_e2e, typical_refusal
@@ -19,20 +19,16 @@ def _train(a: argparse.Namespace) -> dict:
     unit = vec / vec.norm()
     n = int(model.cfg.n_layers)
     train = organism_splits("train", CATEGORIES)
-    harmful = [p for c in HARMFUL_LIKE for p in train[c]]
-    benign = [p for c in BENIGN_LIKE for p in train[c]]
-    if a.wrapped_negatives:
-        from .steering.augment import wrapped_benign
-
-        benign += wrapped_benign(train["jailbreak"], train["harmful"], benign)
+    harmful, benign, _ = training_prompts(train, a.wrapped_negatives)
     cfg = ControllerConfig(d_model=int(model.cfg.d_model), n_layers=n, input_layers=list(range(max(0, n - 4), n)),
-                           hidden=a.hidden, pooling=a.pooling, scale_head=a.scale_head, scale_activation="softplus" if a.objective == "e2e" else "sigmoid",
+                           hidden=a.hidden, pooling=a.pooling, scale_head=a.scale_head,
+                           scale_activation="softplus" if a.objective == "e2e" else "sigmoid",
                            alpha=float(vec.norm()) / n, objective=a.objective)
     data = build_training_set(model, harmful, benign, cfg, show_progress=not a.quiet)
     if a.objective == "e2e":
         reply = typical_refusal(model, train["harmful"][:64])
-        ctrl, hist = train_e2e(model, unit, data, cfg, steps=a.steps, weights=E2EWeights(l1=a.l1, detect=a.detect),
-                               refusal_reply=reply, show_progress=not a.quiet)
+        ctrl, hist = train_e2e(model, unit, data, cfg, steps=a.steps,
+                               weights=E2EWeights(l1=a.l1, detect=a.detect), refusal_reply=reply, show_progress=not a.quiet)
         final = {**hist[-1], "refusal_reply": reply}
     else:
         ctrl, losses = train_bce(model, unit, data, cfg, epochs=a.steps, show_progress=not a.quiet)

@@ -27,8 +27,8 @@ from ..chat import ChatBatch
 from ..evaluate import Evaluation, evaluate_refusal, first_token_kl, reply_cross_entropy
 from ..progress import progress
 from .controller import Controller, ControllerConfig
-from .steer import SteeringPlan, controller_inputs, controller_plan, fixed_plan, gated_plan
 from .augment import wrapped_benign
+from .steer import SteeringPlan, controller_inputs, controller_plan, fixed_plan, gated_plan
 from .train import TrainingSet, build_training_set, train_bce, train_e2e
 
 HARMFUL_LIKE = ("harmful", "jailbreak")
@@ -66,6 +66,17 @@ class CompareConfig:
     seed: int = 0
     methods: tuple[str, ...] = ("none", "actadd", "actadd_layer", "cast", "official_equivalent", "was_bce", "was_e2e")
     extra: dict = field(default_factory=dict)
+
+
+def training_prompts(train: Mapping[str, Sequence[str]], wrapped_negatives: bool = False,
+                     seed: int = 0) -> tuple[list[str], list[str], int]:
+    """The controller's training prompts from ``{category: prompts}``: (should refuse, should not, number of
+    wrapped-benign negatives among the latter (:func:`.augment.wrapped_benign`, when ``wrapped_negatives``))."""
+    harmful = [p for c in HARMFUL_LIKE for p in train.get(c, [])]
+    benign = [p for c in BENIGN_LIKE for p in train.get(c, [])]
+    wrapped = (wrapped_benign(train.get("jailbreak", []), train.get("harmful", []), benign, seed=seed)
+               if wrapped_negatives else [])
+    return harmful, benign + wrapped, len(wrapped)
 
 
 def _rates(ev: Evaluation) -> dict:
@@ -138,17 +149,13 @@ def compare_methods(
     n = int(model.cfg.n_layers)
     d = direction / direction.norm()
     in_layers = cc.input_layers or list(range(max(0, n - 4), n))
-    harmful = [p for c in HARMFUL_LIKE for p in train.get(c, [])]
-    benign = [p for c in BENIGN_LIKE for p in train.get(c, [])]
-    wrapped = (wrapped_benign(train.get("jailbreak", []), train.get("harmful", []), benign, seed=cc.seed)
-               if cc.wrapped_negatives else [])
-    benign += wrapped
+    harmful, benign, n_wrapped = training_prompts(train, cc.wrapped_negatives, cc.seed)
     base_cfg = dict(d_model=int(model.cfg.d_model), n_layers=n, input_layers=in_layers, hidden=cc.hidden,
                     pooling=cc.pooling)
     data = build_training_set(model, harmful, benign, ControllerConfig(**base_cfg), show_progress=show_progress)
 
     plans: dict[str, SteeringPlan | None] = {}
-    choices: dict = {"n_wrapped_negatives": len(wrapped)}
+    choices: dict = {"n_wrapped_negatives": n_wrapped}
     curves = []
     controllers: dict[str, Controller] = {}
     steps = progress(cc.methods, "methods", show_progress)
