@@ -14,7 +14,7 @@ from workbench.organism import corpus_hash, generate_corpus, load_ground_truth, 
 from workbench.organism.corpus import JAILBREAK_WRAPPERS, REFUSALS, make_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
-ORG = ROOT / "data" / "organism"
+ORG = ROOT / "workbench" / "organism" / "data"
 MODEL = ORG / "model"
 
 

@@ -22,6 +22,7 @@ from typing import TypeVar
 import torch
 
 from .errors import WorkbenchError
+from .fallbacks import warn_fallback
 
 log = logging.getLogger("workbench.batching")
 
@@ -194,7 +195,8 @@ class OOMBackoff:
                     if not (self.enabled and is_oom_error(exc)) or size <= self.min_batch_size:
                         raise
                     self.batch_size = max(self.min_batch_size, size // 2)
-                    log.warning("out of memory with a batch of %d; retrying with %d", size, self.batch_size)
+                    warn_fallback(log, "oom_backoff", "out of memory with a batch of %d; retrying with %d", size,
+                                  self.batch_size)
                     del exc
                     release_memory()
                     continue

@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = osub.add_parser("build", help="generate the corpus and train the organism (deterministic from --seed)")
     _common(b, model=False)
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--out", default="data/organism", help="output directory")
+    b.add_argument("--out", default="workbench/organism/data", help="output directory")
     b.set_defaults(func=cmd_organism_build)
 
     p = sub.add_parser("run", help="the main job on one model: every analysis, figures and a report")
@@ -171,11 +171,16 @@ emit = _emit
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .fallbacks import recording_fallbacks
+
     try:
-        result = args.func(args)
+        with recording_fallbacks() as fallbacks:
+            result = args.func(args)
     except WorkbenchError as exc:
         print(f"workbench: error: {exc}", file=sys.stderr)
         return 2
+    if fallbacks and isinstance(result, dict):  # every fallback also reaches the JSON, not only the log
+        result.setdefault("fallbacks", fallbacks)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 prints
         _emit(result, args.json)
     return 0

@@ -77,7 +77,7 @@ def register(sub, bench_sub) -> None:
     p = sub.add_parser("patch", help="activation patching of refusal: exact sweeps, attribution, subspace + illusion check")
     add_common_args(p)
     p.add_argument("--pairs", default=None, help="JSONL of {\"clean\": harmful, \"corrupted\": harmless} (default: "
-                   "the organism's data/organism/pairs.jsonl); pairs of unequal token length are dropped")
+                   "the organism's workbench/organism/data/pairs.jsonl); pairs of unequal token length are dropped")
     p.add_argument("--n-pairs", type=int, default=16, help="use the first N pairs (0: all)")
     p.add_argument("--components", default="resid_pre,attn_out,mlp_out,heads",
                    help="comma-separated: resid_pre, attn_out, mlp_out, heads (layer x head), heads_pos")

@@ -1,4 +1,4 @@
-"""Prompt sets: the organism's splits (JSONL under ``data/organism/prompts``) and validation."""
+"""Prompt sets: the organism's splits (JSONL under ``workbench/organism/data/prompts``) and validation."""
 
 from __future__ import annotations
 

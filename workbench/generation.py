@@ -77,11 +77,19 @@ def generate(
     return replies
 
 
-def greedy_continuations(model, batch: ChatBatch, n_tokens: int, fwd_hooks: Sequence[Hook] = ()) -> torch.Tensor:
+def greedy_continuations(model, batch: ChatBatch, n_tokens: int, fwd_hooks: Sequence[Hook] = (),
+                         return_logits: bool = False):
     """Exactly ``n_tokens`` greedy reply tokens per row (eos not allowed to stop early):
-    ``Int[Tensor, "batch n_tokens"]``. Fixed-length continuations stack without padding (training targets)."""
-    out = _greedy(model, batch, n_tokens, fwd_hooks, min_new_tokens=n_tokens)
-    return out[:, batch.input_ids.shape[1]:]
+    ``Int[Tensor, "batch n_tokens"]``. Fixed-length continuations stack without padding (training targets).
+
+    With ``return_logits`` also the next-token logits of every step, ``Float[Tensor, "batch n_tokens d_vocab"]``
+    (before eos suppression), for comparisons with an uncached decoding (:mod:`workbench.selfcheck`)."""
+    if not return_logits:
+        out = _greedy(model, batch, n_tokens, fwd_hooks, min_new_tokens=n_tokens)
+        return out[:, batch.input_ids.shape[1]:]
+    out = _greedy(model, batch, n_tokens, fwd_hooks, min_new_tokens=n_tokens, return_dict_in_generate=True,
+                  output_logits=True)
+    return out.sequences[:, batch.input_ids.shape[1]:], torch.stack(out.logits, 1).float()
 
 
 def _greedy(model, batch: ChatBatch, max_new_tokens: int, fwd_hooks: Sequence[Hook], **generate_kwargs):

@@ -29,14 +29,15 @@ _DTYPES = {
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def repo_root() -> Path:
-    """Root of the source checkout (where ``data/`` lives)."""
-    return Path(__file__).resolve().parent.parent
+def packaged_organism_dir() -> Path:
+    """Where the model organism ships: package data of :mod:`workbench.organism` (``workbench/organism/data``),
+    so an installed wheel has it as well as a source checkout."""
+    return Path(__file__).resolve().parent / "organism" / "data"
 
 
 def organism_dir() -> Path:
-    """Directory of the committed model organism (override with ``WORKBENCH_ORGANISM``)."""
-    return Path(os.environ.get("WORKBENCH_ORGANISM", repo_root() / "data" / "organism"))
+    """Directory of the model organism: ``WORKBENCH_ORGANISM`` when set, else :func:`packaged_organism_dir`."""
+    return Path(os.environ.get("WORKBENCH_ORGANISM", packaged_organism_dir()))
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -132,6 +133,7 @@ def load_model(
     revision: str | None = None,
     device_map: str | dict | None = None,
     n_devices: int | None = None,
+    self_check: bool = True,
     **bridge_kwargs,
 ):
     """Load a chat model as a :class:`transformer_lens.model_bridge.TransformerBridge`.
@@ -148,6 +150,10 @@ def load_model(
             ``"auto"``/``"balanced"``/``"balanced_low_0"``/``"sequential"``, one device (``"cpu"``,
             ``"cuda:1"``) or a dict ``{module name: device}`` (``{"": "cpu"}``). Excludes ``device``.
         n_devices: split the layers over this many CUDA devices (``n_devices=1`` is one device).
+        self_check: decode a few tokens of two left-padded prompts with and without the KV cache (hooks active)
+            and raise :class:`~workbench.selfcheck.RuntimeCheckError`, naming the installed versions, when they
+            differ: a broken runtime (transformers 5.24.0 under transformer-lens 4.3) would otherwise produce
+            garbage replies after the first token with no error. About 0.1 s on the organism.
         **bridge_kwargs: forwarded to ``TransformerBridge.boot_transformers`` (``max_memory``...).
 
     Returns:
@@ -176,6 +182,10 @@ def load_model(
         p.requires_grad_(False)
     bridge.tokenizer.padding_side = "left"
     bridge._wb_source = {"name": str(name_or_path), "path": path, "local": local, "revision": revision}
+    if self_check:
+        from .selfcheck import check_generation
+
+        bridge._wb_self_check = check_generation(bridge).to_dict()
     return bridge
 
 

@@ -1,6 +1,6 @@
 """``workbench organism build``: corpus -> tokenizer -> stage 1 -> stage 2 -> merge -> save -> measure.
 
-Output layout (``out_dir``, default ``data/organism``)::
+Output layout (``out_dir``, default ``workbench/organism/data``, the package data)::
 
     model/                      HF checkpoint (config.json, model.safetensors, generation_config.json,
                                 tokenizer.json, tokenizer_config.json, chat_template.jinja ...)
@@ -37,7 +37,7 @@ def _write_jsonl(path: Path, rows) -> None:
             f.write(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n")
 
 
-def build_organism(cfg: OrganismConfig, out_dir: str | Path = "data/organism", quiet: bool = False,
+def build_organism(cfg: OrganismConfig, out_dir: str | Path = "workbench/organism/data", quiet: bool = False,
                    measure: bool = True) -> dict:
     """Build and save the organism described by ``cfg``; return its metadata (as saved in organism.json)."""
     if not 0 < cfg.layer < cfg.n_layers - 1:
@@ -156,6 +156,6 @@ def _build(cfg: OrganismConfig, out: Path, quiet: bool, measure: bool) -> dict:
     return meta
 
 
-def main_build(seed: int = 0, out_dir: str = "data/organism", quiet: bool = False) -> dict:
+def main_build(seed: int = 0, out_dir: str = "workbench/organism/data", quiet: bool = False) -> dict:
     """CLI entry point of ``workbench organism build``; returns the organism metadata."""
     return build_organism(OrganismConfig(seed=seed), out_dir=out_dir, quiet=quiet)

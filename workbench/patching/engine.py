@@ -35,7 +35,9 @@ import torch
 from torch import Tensor
 
 from ..errors import WorkbenchError
+from ..fallbacks import warn_fallback
 from ..progress import progress
+from ..provenance import describe_versions
 from .sites import hook_name
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,7 @@ class Run:
     block_kwargs: list[dict] | None = None
     kv: list[tuple[Tensor, Tensor]] | None = None
     resume_ok: bool | None = None  # set by the engine's self-check
+    resume_reason: str | None = None  # why the self-check failed (the fallback reported to the user)
     resume_error: float | None = None
     block_overhead_tokens: float | None = None  # cost of one block call, in token-positions of compute
     forward_seconds: float | None = None         # wall time of the captured forward
@@ -425,7 +428,7 @@ def check_resume(model, run: Run) -> bool:
     """Whether the ``"resume"`` engine reproduces the base run (one row per pair, last position only)."""
     if run.resume_ok is not None:
         return run.resume_ok
-    ok, err = False, float("nan")
+    ok, err, why = False, float("nan"), "the base run kept no KV cache"
     if run.kv is not None and run.block_kwargs is not None:
         n = int(run.tokens.shape[0])
         t = run.n_pos
@@ -443,14 +446,16 @@ def check_resume(model, run: Run) -> bool:
             err = float((logits - ref).abs().max())
             half = run.resid_pre(0).dtype in (torch.float16, torch.bfloat16)
             tol = (3e-2 if half else 1e-3) * max(1.0, float(ref.abs().max()))
-            ok = err <= tol
+            ok = err <= tol  # False for a NaN difference too
+            why = f"it does not reproduce the base run (max abs logit diff {err:.3g}, tolerance {tol:.3g})"
         except _Unsupported as exc:
-            log.info("resume engine unavailable: %s", exc)
+            why = f"it is unavailable ({exc})"
         except Exception as exc:  # noqa: BLE001 - any failure of the fast path means: use the hooks engine
-            log.warning("resume engine failed its self-check (%s: %s); using the hooks engine", type(exc).__name__, exc)
-    if not ok and err == err:
-        log.warning("resume engine does not reproduce the base run (max abs logit diff %.3g); using the hooks "
-                    "engine", err)
+            why = f"its self-check failed ({type(exc).__name__}: {exc})"
+    if not ok:
+        warn_fallback(log, "patching_engine", "resume engine not used: %s; using the slower hooks engine (%s)",
+                      why, describe_versions())
+    run.resume_reason = None if ok else why
     run.resume_ok, run.resume_error = ok, err
     return ok
 
@@ -614,7 +619,7 @@ def run_rows(model, run: Run, patch: Patch, rows: Rows, metric: Callable[[Tensor
     if engine == "resume" and not use_resume:
         raise WorkbenchError(
             "the 'resume' engine does not reproduce this model's forward pass "
-            f"(max abs logit diff {run.resume_error}); use engine='hooks' or 'auto'"
+            f"({run.resume_reason}); use engine='hooks' or 'auto'"
         )
     if not use_resume:
         return _run_hooks_engine(model, run, patch, rows, metric, max_tokens, show_progress)

@@ -175,7 +175,7 @@ def read_pairs(path: str | Path, limit: int | None = None) -> tuple[list[str], l
 
 
 def organism_pairs(tokenizer, limit: int | None = 16, drop_unequal: bool = True) -> PromptPairs:
-    """The first ``limit`` of the organism's minimal pairs (``data/organism/pairs.jsonl``), tokenised."""
+    """The first ``limit`` of the organism's minimal pairs (``workbench/organism/data/pairs.jsonl``), tokenised."""
     from ..models import organism_dir
 
     clean, corrupted = read_pairs(organism_dir() / "pairs.jsonl")

@@ -136,6 +136,8 @@ def run_patching(
         entry = {
             "grid": grid,
             "engine": ex.engine,
+            # why engine="auto" fell back to the slower hooks engine (None: the fast engine ran)
+            "engine_fallback": runs.base(mode).resume_reason if engine == "auto" and ex.engine != "resume" else None,
             "seconds_exact": round(ex.seconds, 3),
             "max_value": _finite(float(ex.values.max())),
             "first_layer_over_half": first_layer_above(ex, 0.5, "max"),

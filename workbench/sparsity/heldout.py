@@ -127,7 +127,7 @@ def heldout_text(tokenizer, rows: Sequence, scope: str = "reply", system: str | 
 
 def organism_heldout(tokenizer, split: str = "val", categories: Sequence[str] | None = None,
                      limit: int | None = None, scope: str = "reply") -> HeldoutText:
-    """The organism's ``split`` prompts with their target replies (``data/organism/prompts/{split}.jsonl``)."""
+    """The organism's ``split`` prompts with their target replies (``workbench/organism/data/prompts/{split}.jsonl``)."""
     from ..data import organism_rows
 
     rows = organism_rows(split)
