@@ -154,6 +154,7 @@ COMMAND_MODULES: list[str] = [
     "workbench.commands_patching",
     "workbench.commands_steering",
     "workbench.commands_sparsity",
+    "workbench.commands_doctor",
 ]
 
 
@@ -183,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         result.setdefault("fallbacks", fallbacks)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 prints
         _emit(result, args.json)
-    return 0
+    # a command reporting checks (``workbench doctor``) says ``"ok": false`` when one failed: exit status 1
+    return 1 if isinstance(result, dict) and result.get("ok") is False else 0
 
 
 if __name__ == "__main__":

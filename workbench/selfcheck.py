@@ -180,7 +180,7 @@ def generation_parity(model, prompts: Sequence[str] = CHECK_PROMPTS, n_tokens: i
 
     if n_tokens < 2:
         raise WorkbenchError(f"n_tokens must be >= 2 (the first token never uses the cache), got {n_tokens}")
-    batch = _check_batch(model.tokenizer, list(prompts)).to(next(model.parameters()).device)
+    batch = check_batch(model.tokenizer, list(prompts)).to(next(model.parameters()).device)
     hooks = identity_hooks(model) if hooks is None else list(hooks)
     cached, cached_logits = greedy_continuations(model, batch, n_tokens, fwd_hooks=hooks, return_logits=True)
     ref, ref_logits = uncached_greedy(bridge_forward(model), batch.input_ids, batch.attention_mask, n_tokens,
@@ -190,7 +190,7 @@ def generation_parity(model, prompts: Sequence[str] = CHECK_PROMPTS, n_tokens: i
                           logit_tolerance=LOGIT_TOLERANCE["half" if half else "float32"])
 
 
-def _check_batch(tokenizer, prompts: list[str]):
+def check_batch(tokenizer, prompts: list[str]):
     """The prompts chat-formatted, or plain text when the tokenizer has no chat template (a base model)."""
     from .chat import ChatBatch, tokenize_chat
 
