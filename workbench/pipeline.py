@@ -7,10 +7,15 @@ and ``report.html`` tie them together.
 
 Two levels of reuse: the activation store serves any run on the same model and prompts (cached activations
 are never recomputed), and a finished stage leaves ``out_dir/<stage>/stage.json`` with a key over the model
-fingerprint, the run configuration and the workbench source; a second run into the same ``out_dir`` with
+fingerprint, the run configuration, the workbench source and the runtime versions (python, torch, transformers,
+transformer-lens, workbench: an upgrade recomputes); a second run into the same ``out_dir`` with
 the same key reuses that stage's results and figures instead of recomputing them (``force=True`` /
 ``--force`` recomputes). Most of a stage's time is generation under interventions, which no activation
 cache can save, so the stage records are what make a repeated run fast.
+
+``summary.json`` records the software that produced it (``"versions"``: :func:`workbench.provenance.versions`,
+git commit included) and every fallback taken (``"fallbacks"``: ``[{"kind", "message"}, ...]``, see
+:mod:`workbench.fallbacks`); each ``stage.json`` keeps its stage's fallbacks, so a reused stage still reports them.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import WorkbenchError
+from .fallbacks import recording_fallbacks
+from .provenance import runtime_versions, versions
 
 STAGES = ("evaluate", "directions", "patching", "sparsity", "steering")
 
@@ -198,14 +205,17 @@ def source_hash() -> str:
 
 
 def _stage_key(cfg: RunConfig, stage: str, model_fp: str, code: str) -> str:
+    """Reuse key of a stage: stage, run configuration, model fingerprint, workbench source hash and the runtime
+    versions (:func:`workbench.provenance.runtime_versions`; the git commit is left out, ``code`` covers it)."""
     conf = {k: v for k, v in cfg.__dict__.items() if k not in ("out_dir", "stages", "show_progress", "force")}
-    blob = json.dumps({"stage": stage, "config": conf, "model": model_fp, "code": code}, sort_keys=True,
-                      default=list)
+    blob = json.dumps({"stage": stage, "config": conf, "model": model_fp, "code": code,
+                       "versions": runtime_versions()}, sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _reuse_stage(st: RunState, stage: str, key: str) -> dict | None:
-    """The recorded summary of a finished stage with this key (its figures re-registered), else ``None``."""
+    """The ``stage.json`` record (``key``, ``summary``, ``figures``, ``fallbacks``) of a finished stage with this
+    key (its figures re-registered), else ``None``."""
     rec_path = st.out / stage / "stage.json"
     if st.cfg.force or not rec_path.exists():
         return None
@@ -221,14 +231,29 @@ def _reuse_stage(st: RunState, stage: str, key: str) -> dict | None:
             return None
         st.direction = Direction.load(path, model=st.model)
     st.figures.extend(figs)
-    return rec["summary"]
+    return rec
+
+
+def _run_stage(st: RunState, stage: str, key: str, fallbacks: list[dict]) -> dict:
+    """Compute ``stage`` and write its ``stage.json`` record: ``key``, ``summary``, ``figures`` and the
+    ``fallbacks`` taken while it ran (the tail of ``fallbacks``, the run's list, that it added)."""
+    n_figs, n_fallbacks = len(st.figures), len(fallbacks)
+    result = _STAGE_FUNCS[stage](st)
+    (st.out / stage).mkdir(exist_ok=True)
+    rec = {"key": key, "summary": result,
+           "figures": [(s, ti, str(p.relative_to(st.out))) for s, ti, p in st.figures[n_figs:]],
+           "fallbacks": fallbacks[n_fallbacks:]}
+    (st.out / stage / "stage.json").write_text(json.dumps(rec, indent=2, default=str))
+    return rec
 
 
 def run_main_job(cfg: RunConfig) -> dict:
     """Run every stage of ``cfg.stages`` in order; returns the summary (also written to ``summary.json``).
 
     A stage finished by an earlier run into the same ``out_dir`` with the same key (model, configuration,
-    workbench source) is reused, not recomputed, unless ``cfg.force``; ``summary["reused"]`` lists them.
+    workbench source, runtime versions) is reused, not recomputed, unless ``cfg.force``; ``summary["reused"]``
+    lists them. The summary records ``"versions"`` (:func:`workbench.provenance.versions`) and ``"fallbacks"``
+    (every fallback of the run, those recorded by reused stages included).
     """
     from .models import fingerprint, load_model
     from .store import ActivationStore
@@ -240,28 +265,25 @@ def run_main_job(cfg: RunConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.__dict__, indent=2, default=list))
     t0 = time.time()
-    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    st = RunState(model, ActivationStore(cfg.store), out, cfg)
-    st.summary["model"] = cfg.model
-    timings = {"load_model": round(time.time() - t0, 1)}
-    model_fp, code = fingerprint(model), source_hash()
-    reused = []
-    for stage in cfg.stages:
-        t = time.time()
-        key = _stage_key(cfg, stage, model_fp, code)
-        result = _reuse_stage(st, stage, key)
-        if result is not None:
-            reused.append(stage)
-        else:
-            n_figs = len(st.figures)
-            result = _STAGE_FUNCS[stage](st)
-            (out / stage).mkdir(exist_ok=True)
-            rec = {"key": key, "summary": result,
-                   "figures": [(s, ti, str(p.relative_to(out))) for s, ti, p in st.figures[n_figs:]]}
-            (out / stage / "stage.json").write_text(json.dumps(rec, indent=2, default=str))
-        st.summary[stage] = result
-        timings[stage] = round(time.time() - t, 1)
-        (out / "summary.json").write_text(json.dumps({**st.summary, "seconds": timings}, indent=2, default=str))
+    with recording_fallbacks() as fallbacks:
+        model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        st = RunState(model, ActivationStore(cfg.store), out, cfg)
+        st.summary.update(model=cfg.model, versions=versions(), fallbacks=fallbacks)
+        timings = {"load_model": round(time.time() - t0, 1)}
+        model_fp, code = fingerprint(model), source_hash()
+        reused = []
+        for stage in cfg.stages:
+            t = time.time()
+            key = _stage_key(cfg, stage, model_fp, code)
+            rec = _reuse_stage(st, stage, key)
+            if rec is not None:
+                reused.append(stage)
+                fallbacks.extend(rec.get("fallbacks", []))
+            else:
+                rec = _run_stage(st, stage, key, fallbacks)
+            st.summary[stage] = rec["summary"]
+            timings[stage] = round(time.time() - t, 1)
+            (out / "summary.json").write_text(json.dumps({**st.summary, "seconds": timings}, indent=2, default=str))
     timings["total"] = round(time.time() - t0, 1)
     st.summary["seconds"] = timings
     st.summary["reused"] = reused

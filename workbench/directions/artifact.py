@@ -1,7 +1,8 @@
 """The :class:`Direction` artifact: vector(s) + where and how they were found, as safetensors + JSON.
 
 ``save("runs/x/direction")`` writes ``direction.safetensors`` (the tensors) and ``direction.json`` (format
-version, layer, position, method, model fingerprint, d_model, scores, metadata). Loading checks the format
+version, layer, position, method, model fingerprint, d_model, scores, metadata, and the ``versions`` of python,
+torch, transformers, transformer-lens, workbench and the git commit that produced it). Loading checks the format
 version; using a direction on a model checks d_model and the fingerprint and fails with a clear
 :class:`~workbench.errors.WorkbenchError` on a mismatch.
 """
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..errors import WorkbenchError
+from ..provenance import versions
 
 FORMAT_VERSION = 1
 KIND = "workbench.direction"
@@ -58,6 +60,9 @@ class Direction:
         d_model: residual width of that model.
         scores: selection scores (``bypass_score``, ``induce_score``, ``kl``...).
         meta: anything else (prompt counts, thresholds, model name).
+        versions: :func:`workbench.provenance.versions` of the software that produced it, as read from its file
+            (``None`` for a direction not loaded from a file, or from a file older than this record); saving
+            writes these, or the current versions when ``None``.
     """
 
     vector: Tensor
@@ -68,6 +73,7 @@ class Direction:
     d_model: int
     scores: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    versions: dict | None = None
 
     def __post_init__(self):
         if not isinstance(self.vector, Tensor):
@@ -112,7 +118,7 @@ class Direction:
         i = layers.index(layer)
         scores = {k: (v[i] if isinstance(v, list) and len(v) == len(layers) else v) for k, v in self.scores.items()}
         return Direction(self.vector[i].clone(), layer, self.position, self.method, self.fingerprint, self.d_model,
-                         scores, {k: v for k, v in self.meta.items() if k != "layers"})
+                         scores, {k: v for k, v in self.meta.items() if k != "layers"}, self.versions)
 
     # ------------------------------------------------------------------------------------ checks
     def check_model(self, model, check_fingerprint: bool = True) -> None:
@@ -139,6 +145,7 @@ class Direction:
 
     # -------------------------------------------------------------------------------------- io
     def to_json(self) -> dict:
+        """The JSON record of ``save``: everything but the vector, with the ``versions`` that produced it."""
         return {
             "kind": KIND,
             "format_version": FORMAT_VERSION,
@@ -150,6 +157,7 @@ class Direction:
             "shape": list(self.vector.shape),
             "scores": _jsonable(self.scores),
             "meta": _jsonable(self.meta),
+            "versions": dict(self.versions) if self.versions is not None else versions(),
         }
 
     def save(self, path: str | Path) -> Path:
@@ -186,7 +194,7 @@ class Direction:
         if "vector" not in tensors:
             raise WorkbenchError(f"{str(st)!r} has no 'vector' tensor")
         d = cls(tensors["vector"], info["layer"], info["position"], info["method"], info["fingerprint"],
-                int(info["d_model"]), info.get("scores", {}), info.get("meta", {}))
+                int(info["d_model"]), info.get("scores", {}), info.get("meta", {}), info.get("versions"))
         if model is not None:
             d.check_model(model, check_fingerprint=strict)
         return d

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..errors import WorkbenchError
+from ..provenance import versions
 
 FORMAT_VERSION = 1
 
@@ -81,11 +82,14 @@ class Controller(nn.Module):
     """MLP: ``Float[Tensor, "batch n_in d_model"]`` -> (``s``: ``[batch]``, ``w``: ``[batch, L]``).
 
     Inputs are standardised with a per-feature mean/std fitted on the training activations (buffers).
+    ``versions`` holds :func:`workbench.provenance.versions` of the software that trained it, as read by
+    :func:`load_controller` (``None`` for a controller trained in this process or loaded from an older file).
     """
 
     def __init__(self, cfg: ControllerConfig):
         super().__init__()
         self.cfg = cfg
+        self.versions: dict | None = None
         n_in = len(cfg.input_layers) * cfg.d_model
         self.register_buffer("mu", torch.zeros(n_in))
         self.register_buffer("sigma", torch.ones(n_in))
@@ -126,19 +130,25 @@ def direction_fingerprint(direction: Tensor) -> str:
 
 
 def save_controller(controller: Controller, direction: Tensor, path: str | Path) -> Path:
-    """Save as ``path/controller.safetensors`` (weights + direction) and ``path/controller.json`` (config)."""
+    """Save as ``path/controller.safetensors`` (weights + direction) and ``path/controller.json`` (format version,
+    config, and the ``versions`` of python, torch, transformers, transformer-lens, workbench and the git commit
+    that trained it: ``controller.versions`` if it was loaded with them, else the current ones)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {f"state.{k}": v.detach().cpu().contiguous() for k, v in controller.state_dict().items()}
     tensors["direction"] = direction.detach().float().cpu().contiguous()
     save_file(tensors, str(path / "controller.safetensors"))
-    meta = {"format_version": FORMAT_VERSION, "config": asdict(controller.cfg)}
+    meta = {"format_version": FORMAT_VERSION, "config": asdict(controller.cfg),
+            "versions": dict(controller.versions) if controller.versions is not None else versions()}
     (path / "controller.json").write_text(json.dumps(meta, indent=2))
     return path
 
 
 def load_controller(path: str | Path, model=None) -> tuple[Controller, Tensor]:
-    """Load a controller and its direction; with ``model``, refuse one made for another model."""
+    """Load a controller and its direction; with ``model``, refuse one made for another model.
+
+    The recorded ``versions`` become ``controller.versions`` (``None`` for a file written before they were recorded).
+    """
     path = Path(path)
     meta_file, weights = path / "controller.json", path / "controller.safetensors"
     if not meta_file.exists() or not weights.exists():
@@ -156,6 +166,7 @@ def load_controller(path: str | Path, model=None) -> tuple[Controller, Tensor]:
         check_compatible(cfg, direction, model)
     ctrl = Controller(cfg)
     ctrl.load_state_dict({k[len("state."):]: v for k, v in tensors.items()})
+    ctrl.versions = meta.get("versions")
     return ctrl.eval(), direction
 
 

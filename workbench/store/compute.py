@@ -38,6 +38,7 @@ from ..errors import WorkbenchError
 from ..models import fingerprint, resolve_dtype
 from ..parallel import dist_context as _dist_context
 from ..progress import progress
+from ..provenance import runtime_versions, versions
 from . import fileio
 from .core import FORMAT_VERSION, ActivationStore, Entry, _hook_file_problem, _row_bytes
 from .spec import canonical_positions, check_positions, resolve_hooks, split_name
@@ -126,12 +127,15 @@ def model_fingerprint(model) -> str:
     return fp
 
 
-def entry_key(fp: str, batch: ChatBatch, positions, dtype: str) -> str:
-    """The content address: sha256 over format version, model fingerprint, formatted prompts, token ids,
-    attention mask, positions and storage dtype (first 24 hex digits)."""
+def entry_key(fp: str, batch: ChatBatch, positions, dtype: str, runtime: dict | None = None) -> str:
+    """The content address: sha256 over format version, model fingerprint, runtime versions (``runtime``, default
+    :func:`workbench.provenance.runtime_versions`: python, torch, transformers, transformer-lens, workbench, as
+    activations depend on them), formatted prompts, token ids, attention mask, positions and storage dtype
+    (first 24 hex digits)."""
     h = hashlib.sha256()
     h.update(json.dumps({"format_version": FORMAT_VERSION, "fingerprint": fp, "positions": positions,
-                         "dtype": dtype, "texts": batch.texts}).encode())
+                         "dtype": dtype, "texts": batch.texts,
+                         "versions": runtime_versions() if runtime is None else runtime}, sort_keys=True).encode())
     h.update(fileio.tensor_buffer(batch.input_ids.to(torch.int64).cpu()))
     h.update(fileio.tensor_buffer(batch.attention_mask.to(torch.int64).cpu()))
     return h.hexdigest()[:24]
@@ -235,7 +239,8 @@ def _compute_distributed(store, model, req: Request, show_progress: bool, rank: 
     dist.all_gather_object(keys, req.key)
     if len(set(keys)) != 1:
         raise WorkbenchError(
-            f"ranks disagree on the entry key ({keys}): they hold different models, prompts or tokenizers"
+            f"ranks disagree on the entry key ({keys}): they hold different models, prompts, tokenizers or "
+            "software versions"
         )
     lock = None
     work = _Work(store, req)
@@ -646,4 +651,5 @@ class _Work:
             "created": now,
             "updated": now,
             "workbench_version": __version__,
+            "versions": versions(),
         }

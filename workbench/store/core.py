@@ -3,16 +3,19 @@
 Layout under ``root`` (argument > ``$WORKBENCH_CACHE`` > ``~/.cache/workbench``)::
 
     activations/<key>/manifest.json         format_version, model fingerprint and name, positions, dtype,
-                                            n_prompts, per-hook shard lists with sha256, created/updated
+                                            n_prompts, per-hook shard lists with sha256, created/updated,
+                                            versions (python, torch, transformers, transformer-lens,
+                                            workbench, git commit; absent from older manifests)
     activations/<key>/tokens.safetensors    input_ids, attention_mask  Int[Tensor, "prompt pos"] (left-padded)
     activations/<key>/prompts.jsonl         one row per prompt: index, prompt, text (formatted), n_tokens, metadata
     activations/<key>/hooks/<hook>.safetensors   one tensor [prompt, pos, *rest] per hook, written shard by shard
     activations/.work/<key>/                in-progress work (crash-resumable), moved into place when complete
     activations/.locks/<key>.lock           one writer per key (filelock)
 
-An entry is keyed by (format version, model fingerprint, exact formatted prompts and token ids, positions,
-storage dtype); hooks are per-hook sub-entries inside it, so a request for more hooks of the same prompts only
-computes the hooks that are missing. Readers never take the lock: manifests are replaced atomically, hook files
+An entry is keyed by (format version, model fingerprint, runtime versions of python, torch, transformers,
+transformer-lens and workbench, exact formatted prompts and token ids, positions, storage dtype), so an upgrade
+computes fresh entries; hooks are per-hook sub-entries inside it, so a request for more hooks of the same
+prompts only computes the hooks that are missing. Readers never take the lock: manifests are replaced atomically, hook files
 are moved in before the manifest names them.
 """
 
