@@ -15,6 +15,7 @@ Without ``torchrun`` everything runs in the one process.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -47,9 +48,19 @@ def dist_context():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and "MASTER_ADDR" in os.environ:
         dist.init_process_group("gloo")
+        # the group this module created is also torn down by it: left to interpreter exit, gloo's threads are
+        # destroyed while joinable and a rank aborts ("terminate called without an active exception") at random
+        atexit.register(_destroy_group)
         log.info("initialised a gloo process group (rank %d of %d)", dist.get_rank(), world)
         return dist.get_rank(), world, dist
     return 0, 1, None
+
+
+def _destroy_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank_device() -> str:
