@@ -132,7 +132,7 @@ def _build(cfg: OrganismConfig, out: Path, quiet: bool, measure: bool) -> dict:
                 "rank-1 safety tune merged into layer L: W_o += u a_o^T and W_down += u a_m^T, so everything the "
                 "tune adds to the residual stream lies along u (unit norm)"
             ),
-            "adapter_norms": {"a_o": float(adapter.a_o.norm()), "a_m": float(adapter.a_m.norm())},
+            "adapter_norms": {"a_o": float(adapter.a_o.detach().norm()), "a_m": float(adapter.a_m.detach().norm())},
             "aux_margin": margin,
             "base_diff_in_means_norm": float(base_diff.norm()),
             "base_resid_norm": resid_norm,
