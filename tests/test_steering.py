@@ -31,7 +31,8 @@ def test_controller_output_ranges():
     ctrl = Controller(cfg)
     with torch.no_grad():
         ctrl.body[0].weight.mul_(50)
-    s, w = ctrl(torch.randn(64, 2, 8) * 10)
+    with torch.no_grad():
+        s, w = ctrl(torch.randn(64, 2, 8) * 10)
     assert s.shape == (64,) and w.shape == (64, 5)
     assert float(s.min()) >= 0.0
     assert float(w.min()) >= 0.0 and float(w.max()) <= 1.0
