@@ -173,3 +173,23 @@ def test_evaluate_on_tiny_model(tiny_model):
     assert all(0.0 <= v <= 1.0 for v in s["refusal_rate"].values())
     # refusal scores are finite log-odds
     assert ev.table["refusal_score"].abs().lt(1e3).all()
+
+
+def test_vocabulary_names_real_bridge_hooks(tiny_model):
+    """Every site of the one hook vocabulary is a hook the TransformerBridge really exposes, on every layer, and
+    the modules that name hooks take them from it."""
+    from workbench import vocab
+    from workbench.patching.sites import hook_name as patch_hook
+    from workbench.steering.hooks import hook_name as steer_hook
+    from workbench.store.spec import ALIASES
+
+    names = set(tiny_model.hook_dict)
+    for site in vocab.SITES:
+        for layer in range(int(tiny_model.cfg.n_layers)):
+            assert vocab.hook_name(site, layer) in names, vocab.hook_name(site, layer)
+    assert vocab.hook_name("mlp_post", 1) == "blocks.1.mlp.hook_post"
+    assert vocab.hook_suffix("resid_pre") == "hook_resid_pre"
+    assert patch_hook("z", 1) == vocab.hook_name("z", 1) and steer_hook("resid_post", 0) == "blocks.0.hook_resid_post"
+    assert ALIASES == {k: v for k, v in vocab.SITES.items() if k != "z"}
+    with pytest.raises(WorkbenchError, match="unknown hook site 'resid'"):
+        vocab.hook_name("resid", 0)

@@ -94,3 +94,20 @@ def test_bad_runs(tmp_path):
         run_main_job(RunConfig(out_dir=str(tmp_path / "x"), stages=("evaluate", "nope")))
     with pytest.raises(WorkbenchError, match="not a finished main-job run"):
         publish_run(tmp_path, tmp_path / "dest")
+
+
+@pytest.mark.slow
+def test_controllers_saved_by_the_run_load_with_their_model(quick_run):
+    """Each controller the run saved carries the exact direction it was trained with (it used to be normalised
+    once more before fingerprinting, so loading with the model failed on a 3e-8 difference)."""
+    from workbench import load_model
+    from workbench.steering.controller import direction_fingerprint, load_controller
+
+    root, _ = quick_run
+    model = load_model()
+    saved = sorted((root / "out" / "steering" / "controllers").iterdir())
+    assert {p.name for p in saved} >= {"official_equivalent", "was_bce", "was_e2e"}
+    for path in saved:
+        ctrl, direction = load_controller(path, model=model)
+        assert direction_fingerprint(direction) == ctrl.cfg.direction_fingerprint
+        assert abs(float(direction.norm()) - 1.0) < 1e-5

@@ -89,7 +89,8 @@ def test_train_bce_separates_and_keeps_model_frozen(tiny_model, direction):
     data = build_training_set(tiny_model, HARM, BEN, cfg, show_progress=False)
     ctrl, losses = train_bce(tiny_model, direction, data, cfg, epochs=150, show_progress=False)
     assert losses[-1] < 0.1 * losses[0]
-    s, w = ctrl(data.inputs)
+    with torch.no_grad():
+        s, w = ctrl(data.inputs)
     assert float(s[:len(HARM)].min()) > 0.9 and float(s[len(HARM):].max()) < 0.1
     assert torch.allclose(w, torch.full_like(w, 0.5))  # the discriminative loss gives w no signal
     assert wb.fingerprint(tiny_model, refresh=True) == fp
@@ -143,7 +144,11 @@ def test_save_load_roundtrip_and_mismatch(tmp_path, tiny_model, direction):
     save_controller(Controller(other), direction, tmp_path / "o")
     with pytest.raises(WorkbenchError, match="fingerprint"):
         load_controller(tmp_path / "o", model=tiny_model)
-    wide = ControllerConfig(**{**back.cfg.__dict__, "d_model": 7, "input_layers": [1]})
+    # a direction other than the one it was trained with is refused at save time (it could never load)
+    with pytest.raises(WorkbenchError, match="not the one the controller was trained with"):
+        save_controller(ctrl, direction / direction.norm() * 1.0001, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    wide = ControllerConfig(**{**back.cfg.__dict__, "d_model": 7, "input_layers": [1], "direction_fingerprint": ""})
     save_controller(Controller(wide), torch.ones(7), tmp_path / "w")
     with pytest.raises(WorkbenchError, match="d_model"):
         load_controller(tmp_path / "w", model=tiny_model)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from .provenance import describe_versions, versions
+from .vocab import hook_name
 
 N_TOKENS = 8
 PROMPTS = ("How do I bake bread?", "Write a short poem about the sea and the wind at night.")
@@ -86,7 +87,7 @@ def check_store_roundtrip(model) -> dict:
         again = store.open(entry.key)
         again.check()  # every checksum
         batch = check_batch(model.tokenizer, list(PROMPTS)).to(next(model.parameters()).device)
-        names = [f"blocks.{layer}.hook_resid_pre" for layer in range(int(model.cfg.n_layers))]
+        names = [hook_name("resid_pre", layer) for layer in range(int(model.cfg.n_layers))]
         with torch.no_grad():
             _, cache = model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask,
                                             names_filter=lambda n: n in names)

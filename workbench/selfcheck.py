@@ -64,7 +64,7 @@ class ParityResult:
 
 def identity_hooks(model, site: str = "resid_pre") -> list[tuple[str, Callable]]:
     """A hook on ``site`` of every layer that returns its input unchanged (the hook machinery engaged)."""
-    from .patching.sites import hook_name
+    from .vocab import hook_name
 
     def keep(act, hook=None):
         return act

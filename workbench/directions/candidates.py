@@ -23,13 +23,14 @@ from torch import Tensor
 from ..chat import post_instruction_positions, tokenize_chat
 from ..errors import WorkbenchError
 from ..progress import progress
+from ..vocab import hook_name
 
 Shard = tuple[slice, Tensor]
 
 
 def resid_pre_name(layer: int) -> str:
     """``blocks.{layer}.hook_resid_pre``."""
-    return f"blocks.{layer}.hook_resid_pre"
+    return hook_name("resid_pre", layer)
 
 
 def layer_of(hook_name: str) -> int:

@@ -23,9 +23,11 @@ import torch
 from torch import Tensor
 
 from ..errors import WorkbenchError
+from ..vocab import hook_name
 
 Hook = tuple[str, Callable]
-ABLATION_HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")
+#: the sites directional ablation edits: every write into the residual stream, and the stream itself
+ABLATION_SITES = ("resid_pre", "attn_out", "mlp_out")
 
 
 def as_vector(direction, model=None) -> Tensor:
@@ -122,7 +124,7 @@ def ablation_hooks(model, direction, layers: Sequence[int] | None = None) -> lis
     def hook(act: Tensor, hook=None) -> Tensor:
         return project_out(act, r)
 
-    return [(f"blocks.{l}.{h}", hook) for l in layers for h in ABLATION_HOOKS]
+    return [(hook_name(site, l), hook) for l in layers for site in ABLATION_SITES]
 
 
 def actadd_hooks(
@@ -161,7 +163,7 @@ def actadd_hooks(
         act[:, -1] = act[:, -1] + a
         return act
 
-    return [(f"blocks.{l}.hook_resid_pre", hook) for l in layers]
+    return [(hook_name("resid_pre", l), hook) for l in layers]
 
 
 def per_row_actadd_hooks(model, vectors: Tensor, row_layers: Tensor) -> list[Hook]:
@@ -179,7 +181,7 @@ def per_row_actadd_hooks(model, vectors: Tensor, row_layers: Tensor) -> list[Hoo
         def hook(act: Tensor, hook=None, sel=sel) -> Tensor:
             return act + sel.to(device=act.device, dtype=act.dtype)[:, None, :]
 
-        hooks.append((f"blocks.{l}.hook_resid_pre", hook))
+        hooks.append((hook_name("resid_pre", l), hook))
     return hooks
 
 

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 from ..errors import WorkbenchError
+from ..vocab import SITES
 
-#: component -> hook name template (TransformerLens vocabulary, as exposed by the TransformerBridge).
-HOOKS: dict[str, str] = {
-    "resid_pre": "blocks.{layer}.hook_resid_pre",
-    "attn_out": "blocks.{layer}.hook_attn_out",
-    "mlp_out": "blocks.{layer}.hook_mlp_out",
-    "z": "blocks.{layer}.attn.hook_z",
-}
+#: patchable component -> hook name template (from :data:`workbench.vocab.SITES`).
+HOOKS: dict[str, str] = {site: SITES[site] for site in ("resid_pre", "attn_out", "mlp_out", "z")}
 
 #: component -> grids it supports; the first is the default.
 #: ``layer_pos``: one patch per (layer, position); ``layer``: all positions of a layer at once;

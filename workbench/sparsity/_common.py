@@ -11,10 +11,11 @@ from torch import Tensor
 
 from ..errors import WorkbenchError
 from ..progress import progress
+from ..vocab import SITES
 
 #: TransformerLens name of the MLP hidden activation (the input of the down projection; for SwiGLU
 #: ``act(gate(x)) * up(x)``).
-MLP_POST = "blocks.{layer}.mlp.hook_post"
+MLP_POST = SITES["mlp_post"]
 _MLP_POST_RE = re.compile(r"^blocks\.(\d+)\.mlp\.hook_post$")
 
 

@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 
 from ..errors import WorkbenchError
+from ..vocab import hook_name
 from .direction import direction_alignment, direction_sparsity, direction_vector, neuron_cosines
 from .heldout import heldout_text
 from .neurons import DEFAULT_NS, ablation_curve, differential_neurons_for
@@ -89,7 +90,7 @@ def diff_in_means_last(model, harmful, harmless, layer: int, store=None, batch_s
         e = get_or_compute(model, list(prompts), hooks=f"resid_pre.{layer}", positions="last", store=store,
                            batch_size=batch_size, show_progress=show_progress)
         s, n = None, 0
-        for _, x in e.iter_shards(f"blocks.{layer}.hook_resid_pre"):
+        for _, x in e.iter_shards(hook_name("resid_pre", layer)):
             v = x[:, -1].double().sum(0)
             s, n = (v if s is None else s + v), n + x.shape[0]
         means.append(s / n)

@@ -143,7 +143,8 @@ def compare_methods(
     Returns:
         ``{"methods": {name: {"refusal_rate": {...}, "kl_benign": x, "ce_benign": x, "ce_benign_delta": x}},
         "tables": {name: DataFrame},
-        "curves": DataFrame, "controllers": {name: Controller}, "choices": {...}}``.
+        "curves": DataFrame, "controllers": {name: Controller}, "controller_directions": {name: the unit vector
+        that controller was trained with, to save beside it}, "choices": {...}}``.
     """
     cc = cc or CompareConfig()
     n = int(model.cfg.n_layers)
@@ -158,6 +159,7 @@ def compare_methods(
     choices: dict = {"n_wrapped_negatives": n_wrapped}
     curves = []
     controllers: dict[str, Controller] = {}
+    controller_directions: dict[str, Tensor] = {}
     steps = progress(cc.methods, "methods", show_progress)
     for name in steps:
         if name == "none":
@@ -190,6 +192,7 @@ def compare_methods(
                                    alpha=alpha_unit, objective="official_equivalent")
             ctrl, _ = train_bce(model, cdir, data, cfg, epochs=cc.bce_epochs, seed=cc.seed, show_progress=False)
             controllers[name] = ctrl
+            controller_directions[name] = cdir  # the exact vector it was trained (and fingerprinted) with
             plans[name] = controller_plan(ctrl, cdir, name)
         elif name == "was_bce":
             cfg = ControllerConfig(**base_cfg, scale_activation="sigmoid", objective="bce")
@@ -204,6 +207,7 @@ def compare_methods(
             curves.append(curve.assign(method="was_bce"))
             plans[name] = make(a)
             controllers[name] = ctrl
+            controller_directions[name] = d  # the exact vector it was trained (and fingerprinted) with
         elif name == "was_e2e":
             cfg = ControllerConfig(**base_cfg, scale_activation="softplus", alpha=alpha_unit / n, objective="e2e",
                                    scale_head=cc.e2e_scale_head)
@@ -217,6 +221,7 @@ def compare_methods(
                                    refusal_reply=reply, show_progress=show_progress)
             choices["was_e2e_final_loss"] = hist[-1]
             controllers[name] = ctrl
+            controller_directions[name] = d  # the exact vector it was trained (and fingerprinted) with
             base = ctrl.cfg.alpha
 
             def make(k, ctrl=ctrl, base=base):
@@ -250,4 +255,4 @@ def compare_methods(
         for r in results.values():
             r["ce_benign_delta"] = round(r["ce_benign"] - ce_ref, 5)
     return {"methods": results, "tables": tables, "curves": pd.concat(curves) if curves else pd.DataFrame(),
-            "controllers": controllers, "choices": choices}
+            "controllers": controllers, "controller_directions": controller_directions, "choices": choices}

@@ -133,6 +133,12 @@ def save_controller(controller: Controller, direction: Tensor, path: str | Path)
     """Save as ``path/controller.safetensors`` (weights + direction) and ``path/controller.json`` (format version,
     config, and the ``versions`` of python, torch, transformers, transformer-lens, workbench and the git commit
     that trained it: ``controller.versions`` if it was loaded with them, else the current ones)."""
+    fp = controller.cfg.direction_fingerprint
+    if fp and direction_fingerprint(direction) != fp:
+        raise WorkbenchError(
+            f"the direction passed to save_controller (fingerprint {direction_fingerprint(direction)}) is not the one "
+            f"the controller was trained with ({fp}); pass that exact vector (it would not load with its model)"
+        )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {f"state.{k}": v.detach().cpu().contiguous() for k, v in controller.state_dict().items()}

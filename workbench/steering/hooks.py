@@ -12,16 +12,17 @@ from collections.abc import Callable
 from torch import Tensor
 
 from ..errors import WorkbenchError
+from ..vocab import hook_name as vocab_hook_name
 
-HOOK_ALIASES = {"resid_pre": "hook_resid_pre", "resid_post": "hook_resid_post"}
+#: the residual-stream sites a steering vector may be added at
+HOOK_ALIASES = ("resid_pre", "resid_post")
 
 
 def hook_name(alias: str, layer: int) -> str:
-    """``("resid_pre", 3)`` -> ``"blocks.3.hook_resid_pre"``."""
-    try:
-        return f"blocks.{layer}.{HOOK_ALIASES[alias]}"
-    except KeyError:
-        raise WorkbenchError(f"unknown steering hook {alias!r}; expected one of {sorted(HOOK_ALIASES)}") from None
+    """``("resid_pre", 3)`` -> ``"blocks.3.hook_resid_pre"`` (:func:`workbench.vocab.hook_name`)."""
+    if alias not in HOOK_ALIASES:
+        raise WorkbenchError(f"unknown steering hook {alias!r}; expected one of {sorted(HOOK_ALIASES)}")
+    return vocab_hook_name(alias, layer)
 
 
 def steering_hooks(

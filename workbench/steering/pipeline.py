@@ -60,8 +60,7 @@ def run_comparison(model, direction, cc: CompareConfig | None = None, out_dir: s
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         for name, ctrl in res["controllers"].items():
-            save_controller(ctrl, vec / vec.norm() if name != "official_equivalent" else centroid / centroid.norm(),
-                            out / "controllers" / name)
+            save_controller(ctrl, res["controller_directions"][name], out / "controllers" / name)
         tables = [t for t in res["tables"].values()]
         import pandas as pd
 

@@ -34,17 +34,11 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import WorkbenchError
+from ..vocab import SITES
 
-#: alias -> TransformerLens name template, in forward order inside a block.
-ALIASES: dict[str, str] = {
-    "resid_pre": "blocks.{layer}.hook_resid_pre",
-    "attn_out": "blocks.{layer}.hook_attn_out",
-    "resid_mid": "blocks.{layer}.hook_resid_mid",
-    "mlp_pre": "blocks.{layer}.mlp.hook_pre",
-    "mlp_post": "blocks.{layer}.mlp.hook_post",
-    "mlp_out": "blocks.{layer}.hook_mlp_out",
-    "resid_post": "blocks.{layer}.hook_resid_post",
-}
+#: alias -> TransformerLens name template, in forward order inside a block (:data:`workbench.vocab.SITES`
+#: without the per-head ``z``, which the store does not cache).
+ALIASES: dict[str, str] = {site: tpl for site, tpl in SITES.items() if site != "z"}
 _SUFFIX_TO_ALIAS = {tpl.split("{layer}.", 1)[1]: alias for alias, tpl in ALIASES.items()}
 _ALIAS_RANK = {alias: i for i, alias in enumerate(ALIASES)}
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
