@@ -193,3 +193,26 @@ def test_vocabulary_names_real_bridge_hooks(tiny_model):
     assert ALIASES == {k: v for k, v in vocab.SITES.items() if k != "z"}
     with pytest.raises(WorkbenchError, match="unknown hook site 'resid'"):
         vocab.hook_name("resid", 0)
+
+
+def test_one_jsonl_reader_for_prompts_pairs_and_benchmarks(tmp_path):
+    """Prompt files, pair files and benchmark copies go through one parser: the same clear errors everywhere."""
+    from workbench.data import read_jsonl
+    from workbench.datasets import load_prompts
+    from workbench.patching.pairs import read_pairs
+
+    good = tmp_path / "pairs.jsonl"
+    good.write_text('{"clean": "a", "corrupted": "b"}\n\n{"clean": "c", "corrupted": "d"}\n', encoding="utf-8")
+    assert read_pairs(good) == (["a", "c"], ["b", "d"]) and read_pairs(good, limit=1) == (["a"], ["b"])
+    assert read_jsonl(good) == [{"clean": "a", "corrupted": "b"}, {"clean": "c", "corrupted": "d"}]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"clean": "a", "corrupted": "b"}\n{oops\n', encoding="utf-8")
+    for call in (lambda: read_pairs(bad), lambda: read_jsonl(bad), lambda: load_prompts(str(bad), column="clean")):
+        with pytest.raises(WorkbenchError, match=r"bad\.jsonl:2 is not valid JSON"):
+            call()
+    keyless = tmp_path / "keyless.jsonl"
+    keyless.write_text('{"clean": "a"}\n', encoding="utf-8")
+    with pytest.raises(WorkbenchError, match="row 1 must be an object with 'clean' and 'corrupted' keys"):
+        read_pairs(keyless)
+    with pytest.raises(WorkbenchError, match="pair file .*missing.jsonl' does not exist"):
+        read_pairs(tmp_path / "missing.jsonl")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import WorkbenchError
@@ -12,20 +13,26 @@ CATEGORIES = ("harmful", "jailbreak", "benign", "borderline")
 SPLITS = ("train", "val", "test")
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a JSONL file, with a clear error for a missing file or a bad line."""
+def parse_jsonl(lines: Iterable[str], source: str | Path) -> list:
+    """The JSON value of every non-blank line; a bad line is one error naming ``source:line``. The one JSONL
+    parser of the package (prompt files, pair files, benchmark copies)."""
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise WorkbenchError(f"{source}:{i} is not valid JSON: {exc.msg}") from exc
+    return rows
+
+
+def read_jsonl(path: str | Path, what: str = "prompt file") -> list:
+    """Rows of a JSONL file (UTF-8), with a clear error for a missing file or a bad line."""
     path = Path(path)
     if not path.exists():
-        raise WorkbenchError(f"prompt file {str(path)!r} does not exist")
-    rows = []
+        raise WorkbenchError(f"{what} {str(path)!r} does not exist")
     with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise WorkbenchError(f"{path}:{i} is not valid JSON: {exc.msg}") from exc
-    return rows
+        return parse_jsonl(fh, path)
 
 
 def organism_rows(split: str = "test") -> list[dict]:

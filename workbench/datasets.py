@@ -180,13 +180,9 @@ def _read_json(path: Path, encoding: str, lines: bool) -> pd.DataFrame:
     if not text.strip():
         raise WorkbenchError(f"prompt file {str(path)!r} is empty")
     if lines:
-        rows = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise WorkbenchError(f"{path}:{i} is not valid JSON: {exc.msg}") from exc
+        from .data import parse_jsonl
+
+        rows = parse_jsonl(text.splitlines(), path)
     else:
         try:
             rows = json.loads(text)

@@ -9,7 +9,6 @@ cannot be patched position by position: :func:`make_pairs` raises on them, or dr
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,24 +152,16 @@ def make_pairs(
 
 def read_pairs(path: str | Path, limit: int | None = None) -> tuple[list[str], list[str]]:
     """``(clean, corrupted)`` prompt lists from a JSONL file of ``{"clean": ..., "corrupted": ...}`` rows."""
-    path = Path(path)
-    if not path.exists():
-        raise WorkbenchError(f"pair file {str(path)!r} does not exist")
+    from ..data import read_jsonl
+
     clean, corrupted = [], []
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise WorkbenchError(f"{path}:{i} is not valid JSON: {exc.msg}") from exc
-            if not isinstance(row, dict) or "clean" not in row or "corrupted" not in row:
-                raise WorkbenchError(f"{path}:{i} must be an object with 'clean' and 'corrupted' keys")
-            clean.append(str(row["clean"]))
-            corrupted.append(str(row["corrupted"]))
-            if limit is not None and len(clean) >= limit:
-                break
+    for i, row in enumerate(read_jsonl(path, what="pair file"), 1):
+        if not isinstance(row, dict) or "clean" not in row or "corrupted" not in row:
+            raise WorkbenchError(f"{path}: row {i} must be an object with 'clean' and 'corrupted' keys")
+        clean.append(str(row["clean"]))
+        corrupted.append(str(row["corrupted"]))
+        if limit is not None and len(clean) >= limit:
+            break
     return clean, corrupted
 
 
