@@ -23,6 +23,7 @@ import torch
 
 from .errors import WorkbenchError
 from .fallbacks import warn_fallback
+from .models import model_device
 
 log = logging.getLogger("workbench.batching")
 
@@ -71,14 +72,6 @@ def parse_batch_size(text: str) -> int | str:
 
         raise argparse.ArgumentTypeError(f"expected a positive int or 'auto', got {text!r}")
     return value
-
-
-def model_device(model) -> torch.device:
-    """Device of the model's first parameter (its embedding, for a model split over devices)."""
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 def free_memory(device: str | torch.device) -> int:

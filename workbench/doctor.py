@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from .provenance import describe_versions, versions
+from .models import model_device
 from .vocab import hook_name
 
 N_TOKENS = 8
@@ -67,7 +68,7 @@ def check_patching_engine(model) -> dict:
     from .patching.engine import capture_run, check_resume
     from .selfcheck import check_batch
 
-    batch = check_batch(model.tokenizer, list(PROMPTS)).to(next(model.parameters()).device)
+    batch = check_batch(model.tokenizer, list(PROMPTS)).to(model_device(model))
     run = capture_run(model, batch.input_ids, batch.attention_mask, resumable=True)
     ok = check_resume(model, run)
     err = run.resume_error
@@ -86,7 +87,7 @@ def check_store_roundtrip(model) -> dict:
                                show_progress=False)
         again = store.open(entry.key)
         again.check()  # every checksum
-        batch = check_batch(model.tokenizer, list(PROMPTS)).to(next(model.parameters()).device)
+        batch = check_batch(model.tokenizer, list(PROMPTS)).to(model_device(model))
         names = [hook_name("resid_pre", layer) for layer in range(int(model.cfg.n_layers))]
         with torch.no_grad():
             _, cache = model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask,

@@ -11,6 +11,7 @@ import torch
 
 from .chat import tokenize_chat
 from .errors import WorkbenchError
+from .models import model_device
 from .generation import Hook, generate_batch
 from .judge import Judge, get_judge, refusal_score, refusal_token_ids
 from .progress import progress
@@ -129,7 +130,7 @@ def reply_cross_entropy(
     if len(prompts) != len(replies):
         raise WorkbenchError(f"{len(prompts)} prompts but {len(replies)} replies")
     tok = model.tokenizer
-    device = next(model.parameters()).device
+    device = model_device(model)
     out: list[torch.Tensor] = []
     for s in range(0, len(prompts), batch_size):
         batch = tokenize_chat(tok, list(prompts[s:s + batch_size]), system)

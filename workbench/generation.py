@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .chat import ChatBatch, tokenize_chat
+from .models import model_device
 from .progress import progress
 
 Hook = tuple[str, Callable]
@@ -94,7 +95,7 @@ def greedy_continuations(model, batch: ChatBatch, n_tokens: int, fwd_hooks: Sequ
 
 def _greedy(model, batch: ChatBatch, max_new_tokens: int, fwd_hooks: Sequence[Hook], **generate_kwargs):
     """Hugging Face greedy ``generate`` on the bridge's wrapped model, ``fwd_hooks`` active throughout."""
-    batch = batch.to(next(model.parameters()).device)
+    batch = batch.to(model_device(model))
     with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
         return model.original_model.generate(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,

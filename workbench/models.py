@@ -296,6 +296,14 @@ def _config_summary(model) -> dict:
     return out
 
 
+def model_device(model) -> torch.device:
+    """Device of the model's first parameter (its embedding, for a model split over devices); CPU without any."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
 def n_layers(model) -> int:
     """Number of transformer blocks."""
     return int(model.cfg.n_layers)

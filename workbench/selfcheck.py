@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .errors import WorkbenchError
+from .models import model_device
 from .provenance import describe_versions, versions
 
 #: Prompts of different lengths, so the batch is left-padded.
@@ -180,7 +181,7 @@ def generation_parity(model, prompts: Sequence[str] = CHECK_PROMPTS, n_tokens: i
 
     if n_tokens < 2:
         raise WorkbenchError(f"n_tokens must be >= 2 (the first token never uses the cache), got {n_tokens}")
-    batch = check_batch(model.tokenizer, list(prompts)).to(next(model.parameters()).device)
+    batch = check_batch(model.tokenizer, list(prompts)).to(model_device(model))
     hooks = identity_hooks(model) if hooks is None else list(hooks)
     cached, cached_logits = greedy_continuations(model, batch, n_tokens, fwd_hooks=hooks, return_logits=True)
     ref, ref_logits = uncached_greedy(bridge_forward(model), batch.input_ids, batch.attention_mask, n_tokens,

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..chat import post_instruction_positions, tokenize_chat
 from ..errors import WorkbenchError
+from ..models import model_device
 from ..progress import progress
 from ..vocab import hook_name
 
@@ -94,7 +95,7 @@ def compute_resid_pre(
     names = [resid_pre_name(l) for l in range(int(model.cfg.n_layers))]
     wanted = set(names)
     out: dict[str, list[Tensor]] = {n: [] for n in names}
-    device = next(model.parameters()).device
+    device = model_device(model)
     starts = range(0, len(prompts), batch_size)
     for s in progress(starts, "resid_pre", show_progress, total=len(starts)):
         batch = tokenize_chat(model.tokenizer, list(prompts[s:s + batch_size]), system).to(device)

@@ -28,6 +28,7 @@ from torch import Tensor
 from ..chat import ChatBatch, tokenize_chat
 from ..errors import WorkbenchError
 from ..judge import refusal_score, refusal_token_ids
+from ..models import model_device
 from ..progress import progress
 from .artifact import Direction
 from .candidates import Candidates, _check_prompts, candidate_directions
@@ -102,7 +103,7 @@ def sweep(
     """
     n_prompts = batch.input_ids.shape[0]
     total = n_candidates * n_prompts
-    device = next(model.parameters()).device
+    device = model_device(model)
     cand = torch.arange(n_candidates).repeat_interleave(n_prompts)
     prom = torch.arange(n_prompts).repeat(n_candidates)
     out = torch.empty(total, dtype=torch.float32)
@@ -124,7 +125,7 @@ def _kl(base_logp: Tensor, logits: Tensor) -> Tensor:
 @torch.no_grad()
 def base_logits(model, batch: ChatBatch, batch_size: int = 64) -> Tensor:
     """``Float[Tensor, "prompt d_vocab"]`` last-position logits without any intervention."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     out = []
     for s in range(0, batch.input_ids.shape[0], batch_size):
         ids, mask = _rows_batch(batch, torch.arange(s, min(s + batch_size, batch.input_ids.shape[0])))

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import WorkbenchError
+from ..models import model_device
 from .exact import exact_patch, prepare
 from .metrics import make_metric
 from .pairs import PromptPairs, make_pairs
@@ -98,7 +99,7 @@ def bench_model(model, pairs: PromptPairs, repeats: int = 3, show_progress: bool
     if pairs.padded:
         raise WorkbenchError("the benchmark needs pairs of one common length (the peer passes no attention mask)")
     metric = make_metric(model, "refusal_score")
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     pairs = pairs.to(dev)
 
     def tl_metric(logits):

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from ..errors import WorkbenchError
 from ..fallbacks import warn_fallback
+from ..models import model_device
 from ..progress import progress
 from ..provenance import describe_versions
 from .sites import hook_name
@@ -46,13 +47,6 @@ ENGINES = ("auto", "resume", "hooks")
 
 #: Default budget of (rows x positions) per block call.
 DEFAULT_MAX_TOKENS = 8192
-
-
-def model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
 
 
 @dataclass

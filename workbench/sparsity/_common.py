@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..errors import WorkbenchError
+from ..models import model_device  # noqa: F401 - re-exported for the sparsity modules
 from ..progress import progress
 from ..vocab import SITES
 
@@ -182,5 +183,3 @@ def stream_layers(entry, layers, show_progress: bool, desc: str):
         yield layer, hook, iter_real(entry, hook, mask)
 
 
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..chat import ChatBatch
 from ..errors import WorkbenchError
+from ..models import model_device
 from .controller import Controller
 from .hooks import hook_name, steering_hooks
 
@@ -48,7 +49,7 @@ def controller_inputs(
 
         return fn
 
-    device = next(model.parameters()).device
+    device = model_device(model)
     b = batch.to(device)
     hooks = [(hook_name(hook, l), make(l)) for l in sorted(set(input_layers))]
     try:

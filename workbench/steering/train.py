@@ -25,7 +25,7 @@ from ..chat import ChatBatch, tokenize_chat
 from ..generation import greedy_continuations
 from ..errors import WorkbenchError
 from ..judge import refusal_score, refusal_token_ids
-from ..models import fingerprint
+from ..models import fingerprint, model_device
 from ..progress import progress
 from .controller import Controller, ControllerConfig, direction_fingerprint
 from .hooks import steering_hooks
@@ -129,7 +129,7 @@ def train_e2e(model, direction: Tensor, data: TrainingSet, cfg: ControllerConfig
     cfg.objective = cfg.objective or "e2e"
     ctrl = _new_controller(model, direction, cfg)
     ctrl.fit_normaliser(data.inputs)
-    device = next(model.parameters()).device
+    device = model_device(model)
     ctrl.to(device)
     ref_ids = refusal_token_ids(model.tokenizer)
     params_before = _param_snapshot(model)

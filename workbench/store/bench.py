@@ -94,10 +94,11 @@ def forward_and_store_runs(model, prompts: list[str], batch_size: int, tmp: Path
     store entry of ``resid_pre`` at every layer and the post-instruction positions under ``tmp`` (then
     deletes it)."""
     from ..chat import tokenize_chat
+    from ..models import model_device
     from .compute import get_or_compute
     from .core import ActivationStore
 
-    device = next(model.parameters()).device
+    device = model_device(model)
     batches = [tokenize_chat(model.tokenizer, prompts[i:i + batch_size]).to(device)
                for i in range(0, len(prompts), batch_size)]
 

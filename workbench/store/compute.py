@@ -35,7 +35,7 @@ import torch
 from ..batching import OOMBackoff, auto_batch_size, check_batch_size
 from ..chat import ChatBatch, tokenize_chat
 from ..errors import WorkbenchError
-from ..models import fingerprint, resolve_dtype
+from ..models import fingerprint, model_device, resolve_dtype
 from ..parallel import dist_context as _dist_context
 from ..progress import progress
 from ..provenance import runtime_versions, versions
@@ -526,7 +526,7 @@ class _Work:
         ids = self.req.batch.input_ids[a:b]
         am = self.req.batch.attention_mask[a:b]
         length = int(am.sum(-1).max())
-        device = next(model.parameters()).device
+        device = model_device(model)
         return ids[:, ids.shape[1] - length:].to(device), am[:, am.shape[1] - length:].to(device)
 
     def run(self, model, plan: list[tuple[int, list[str]]], rank: int, world: int, show_progress: bool) -> None:
