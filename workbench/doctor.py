@@ -20,12 +20,12 @@ from collections.abc import Callable
 
 import torch
 
-from .provenance import describe_versions, versions
 from .models import model_device
+from .provenance import describe_versions, versions
+from .selfcheck import CHECK_PROMPTS, check_batch, generation_parity, hf_forward
 from .vocab import hook_name
 
 N_TOKENS = 8
-PROMPTS = ("How do I bake bread?", "Write a short poem about the sea and the wind at night.")
 
 
 def _timed(check: Callable[[], dict]) -> dict:
@@ -38,10 +38,10 @@ def _timed(check: Callable[[], dict]) -> dict:
     return out
 
 
-def check_generation(model) -> dict:
-    from .selfcheck import generation_parity
-
-    res = generation_parity(model, PROMPTS, n_tokens=N_TOKENS)
+def check_generation(model, reference=None, hooks=None) -> dict:
+    """Cached vs uncached decoding (:func:`workbench.selfcheck.generation_parity`: ``reference`` its uncached
+    forward, ``hooks`` those active while decoding, default identity hooks on every layer)."""
+    res = generation_parity(model, CHECK_PROMPTS, n_tokens=N_TOKENS, hooks=hooks, reference=reference)
     return {"ok": res.ok, "n_tokens": res.n_tokens, "n_rows": res.n_rows, "first_mismatch": res.first_mismatch,
             "ties": res.ties, "max_logit_error": res.max_logit_error}
 
@@ -49,26 +49,15 @@ def check_generation(model) -> dict:
 def check_hf_reference(model, path: str) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from .generation import eos_ids, greedy_continuations
-    from .selfcheck import check_batch, compare_tokens, hf_forward, uncached_greedy
-
     param = next(model.parameters())
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=param.dtype).to(param.device).eval()
-    batch = check_batch(model.tokenizer, list(PROMPTS)).to(param.device)
-    ours, ours_logits = greedy_continuations(model, batch, N_TOKENS, return_logits=True)
-    ref, ref_logits = uncached_greedy(hf_forward(hf), batch.input_ids, batch.attention_mask, N_TOKENS,
-                                      suppress=eos_ids(model.tokenizer, model))
-    half = param.dtype in (torch.float16, torch.bfloat16)
-    res = compare_tokens(ours, ref, ref_logits, ours_logits, logit_tolerance=5e-2 if half else 1e-4)
-    return {"ok": res.ok, "n_tokens": res.n_tokens, "first_mismatch": res.first_mismatch, "ties": res.ties,
-            "max_logit_error": res.max_logit_error}
+    return check_generation(model, reference=hf_forward(hf), hooks=())  # plain decoding against plain HF
 
 
 def check_patching_engine(model) -> dict:
     from .patching.engine import capture_run, check_resume
-    from .selfcheck import check_batch
 
-    batch = check_batch(model.tokenizer, list(PROMPTS)).to(model_device(model))
+    batch = check_batch(model.tokenizer, list(CHECK_PROMPTS)).to(model_device(model))
     run = capture_run(model, batch.input_ids, batch.attention_mask, resumable=True)
     ok = check_resume(model, run)
     err = run.resume_error
@@ -79,22 +68,21 @@ def check_patching_engine(model) -> dict:
 
 def check_store_roundtrip(model) -> dict:
     from .store import ActivationStore, get_or_compute
-    from .selfcheck import check_batch
 
     with tempfile.TemporaryDirectory(prefix="workbench-doctor-") as root:
         store = ActivationStore(root)
-        entry = get_or_compute(model, list(PROMPTS), hooks="resid_pre", positions="last", store=store,
+        entry = get_or_compute(model, list(CHECK_PROMPTS), hooks="resid_pre", positions="last", store=store,
                                show_progress=False)
         again = store.open(entry.key)
         again.check()  # every checksum
-        batch = check_batch(model.tokenizer, list(PROMPTS)).to(model_device(model))
+        batch = check_batch(model.tokenizer, list(CHECK_PROMPTS)).to(model_device(model))
         names = [hook_name("resid_pre", layer) for layer in range(int(model.cfg.n_layers))]
         with torch.no_grad():
             _, cache = model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask,
                                             names_filter=lambda n: n in names)
         err = 0.0
         for name in names:
-            stored = again.activations(name).float().reshape(len(PROMPTS), -1)
+            stored = again.activations(name).float().reshape(len(CHECK_PROMPTS), -1)
             direct = cache[name][:, -1].float().cpu()
             err = max(err, float((stored - direct).abs().max() / direct.abs().max().clamp(min=1e-6)))
     return {"ok": err < 1e-4, "max_relative_error": err, "hooks": len(names)}

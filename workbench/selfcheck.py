@@ -169,13 +169,21 @@ def compare_tokens(got: Tensor, expected: Tensor, expected_logits: Tensor, got_l
     return res
 
 
+def logit_tolerance(model) -> float:
+    """:data:`LOGIT_TOLERANCE` for the model's parameter dtype."""
+    half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
+    return LOGIT_TOLERANCE["half" if half else "float32"]
+
+
 def generation_parity(model, prompts: Sequence[str] = CHECK_PROMPTS, n_tokens: int = 4,
-                      hooks: Sequence[tuple[str, Callable]] | None = None) -> ParityResult:
+                      hooks: Sequence[tuple[str, Callable]] | None = None,
+                      reference: Callable[[Tensor, Tensor], Tensor] | None = None) -> ParityResult:
     """KV-cached greedy decoding through the bridge (hooks active) vs an uncached greedy loop.
 
     The cached side is :func:`workbench.generation.greedy_continuations`, the path every stage generates with
     (eos suppressed, so every row decodes ``n_tokens``); ``hooks`` defaults to :func:`identity_hooks`. The
-    uncached side recomputes the whole sequence each step, eos suppressed alike.
+    uncached side recomputes the whole sequence each step, eos suppressed alike, with ``reference``: the bridge's
+    own forward by default (:func:`bridge_forward`), or e.g. :func:`hf_forward` of a plain Hugging Face model.
     """
     from .generation import eos_ids, greedy_continuations
 
@@ -184,11 +192,10 @@ def generation_parity(model, prompts: Sequence[str] = CHECK_PROMPTS, n_tokens: i
     batch = check_batch(model.tokenizer, list(prompts)).to(model_device(model))
     hooks = identity_hooks(model) if hooks is None else list(hooks)
     cached, cached_logits = greedy_continuations(model, batch, n_tokens, fwd_hooks=hooks, return_logits=True)
-    ref, ref_logits = uncached_greedy(bridge_forward(model), batch.input_ids, batch.attention_mask, n_tokens,
+    forward = bridge_forward(model) if reference is None else reference
+    ref, ref_logits = uncached_greedy(forward, batch.input_ids, batch.attention_mask, n_tokens,
                                       suppress=eos_ids(model.tokenizer, model))
-    half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
-    return compare_tokens(cached, ref, ref_logits, cached_logits,
-                          logit_tolerance=LOGIT_TOLERANCE["half" if half else "float32"])
+    return compare_tokens(cached, ref, ref_logits, cached_logits, logit_tolerance=logit_tolerance(model))
 
 
 def check_batch(tokenizer, prompts: list[str]):
