@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench.chat import post_instruction_suffix, tokenize_chat
+from workbench.chat import positions_from_mask, post_instruction_suffix, tokenize_chat
 from workbench.errors import WorkbenchError
 from workbench.testing import CHAT_TEMPLATES, FAMILY_ARCH, make_tiny_chat_model
 
@@ -73,7 +73,7 @@ def test_bridge_logits_equal_hf(family, model_dir, model):
     mask = batch.attention_mask.bool()
     # positions counted from each row's first real token (HF's own default for a plain forward is arange,
     # which is wrong for left-padded absolute-position models like GPT-2)
-    pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    pos = positions_from_mask(batch.attention_mask)
     with torch.no_grad():
         ours = model(batch.input_ids, attention_mask=batch.attention_mask)
         ref = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos).logits

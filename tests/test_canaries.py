@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench.chat import tokenize_chat
+from workbench.chat import positions_from_mask, tokenize_chat
 from workbench.generation import eos_ids, greedy_continuations
 from workbench.models import organism_dir
 from workbench.provenance import describe_versions
-from workbench.selfcheck import compare_tokens, hf_forward, identity_hooks, positions_from_mask, uncached_greedy
+from workbench.selfcheck import compare_tokens, hf_forward, identity_hooks, uncached_greedy
 from workbench.testing import make_tiny_chat_model
 
 FAMILIES = ["llama3", "mistral", "qwen2.5", "gemma2", "gpt2"]

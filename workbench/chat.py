@@ -45,6 +45,12 @@ class ChatBatch:
         return ChatBatch(self.input_ids.to(device), self.attention_mask.to(device), self.texts, self.n_post)
 
 
+def positions_from_mask(attention_mask: Tensor) -> Tensor:
+    """Position ids counted from each row's first real token (left padding): ``Int[Tensor, "batch pos"]``.
+    What Hugging Face ``generate`` derives itself; a plain forward must be given them (absolute positions)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def _check_template(tokenizer) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise WorkbenchError(

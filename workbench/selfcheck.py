@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
+from .chat import positions_from_mask
 from .errors import WorkbenchError
 from .models import model_device
 from .provenance import describe_versions, versions
@@ -71,11 +72,6 @@ def identity_hooks(model, site: str = "resid_pre") -> list[tuple[str, Callable]]
         return act
 
     return [(hook_name(site, layer), keep) for layer in range(int(model.cfg.n_layers))]
-
-
-def positions_from_mask(attention_mask: Tensor) -> Tensor:
-    """Position ids counted from each row's first real token (left padding): ``Int[Tensor, "batch pos"]``."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def uncached_greedy(forward: Callable[[Tensor, Tensor], Tensor], input_ids: Tensor, attention_mask: Tensor,

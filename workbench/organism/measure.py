@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from ..chat import positions_from_mask
 from ..judge import is_refusal
 from .tokenizer import N_POST_INSTRUCTION, format_chat
 
@@ -66,8 +67,7 @@ def resid_pre(model, tokenizer, prompts: Sequence[str], layer: int, n_last: int 
     try:
         for i in range(0, len(prompts), batch_size):
             ids, mask = chat_batch(tokenizer, prompts[i: i + batch_size])
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            model(input_ids=ids, attention_mask=mask, position_ids=pos)
+            model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask))
             x = store["x"]
             acts.append((x[0] if isinstance(x, tuple) else x)[:, -n_last:].float())
     finally:
