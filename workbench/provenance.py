@@ -41,20 +41,22 @@ def git_commit() -> str | None:
 
 
 @functools.lru_cache(maxsize=1)
-def versions() -> dict[str, str | None]:
-    """``{"python", "torch", "transformers", "transformer_lens", "workbench", "git_commit"}`` of this process."""
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for dist, key in PACKAGES.items():
-        out[key] = _dist_version(dist)
-    out["git_commit"] = git_commit()
-    return out
+def _runtime() -> tuple[tuple[str, str | None], ...]:
+    return (("python", platform.python_version()),
+            *((key, _dist_version(dist)) for dist, key in PACKAGES.items()))
 
 
 def runtime_versions() -> dict[str, str | None]:
-    """:func:`versions` without the git commit: what decides whether a computed result can be reused."""
-    return {k: v for k, v in versions().items() if k != "git_commit"}
+    """``{"python", "torch", "transformers", "transformer_lens", "workbench"}``: what decides whether a computed
+    result can be reused (no git call: store keys ask for it on every request)."""
+    return dict(_runtime())
+
+
+def versions() -> dict[str, str | None]:
+    """:func:`runtime_versions` and the ``git_commit`` of the checkout, as recorded in every artifact."""
+    return {**runtime_versions(), "git_commit": git_commit()}
 
 
 def describe_versions() -> str:
     """``"python 3.11.7, torch 2.13.0+cpu, transformers 5.23.0, ..."`` for error messages."""
-    return ", ".join(f"{k} {v}" for k, v in versions().items() if k != "git_commit" and v is not None)
+    return ", ".join(f"{k} {v}" for k, v in runtime_versions().items() if v is not None)

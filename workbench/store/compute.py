@@ -127,15 +127,15 @@ def model_fingerprint(model) -> str:
     return fp
 
 
-def entry_key(fp: str, batch: ChatBatch, positions, dtype: str, runtime: dict | None = None) -> str:
-    """The content address: sha256 over format version, model fingerprint, runtime versions (``runtime``, default
-    :func:`workbench.provenance.runtime_versions`: python, torch, transformers, transformer-lens, workbench, as
+def entry_key(fp: str, batch: ChatBatch, positions, dtype: str) -> str:
+    """The content address: sha256 over format version, model fingerprint, runtime versions
+    (:func:`workbench.provenance.runtime_versions`: python, torch, transformers, transformer-lens, workbench, as
     activations depend on them), formatted prompts, token ids, attention mask, positions and storage dtype
     (first 24 hex digits)."""
     h = hashlib.sha256()
     h.update(json.dumps({"format_version": FORMAT_VERSION, "fingerprint": fp, "positions": positions,
-                         "dtype": dtype, "texts": batch.texts,
-                         "versions": runtime_versions() if runtime is None else runtime}, sort_keys=True).encode())
+                         "dtype": dtype, "texts": batch.texts, "versions": runtime_versions()},
+                        sort_keys=True).encode())
     h.update(fileio.tensor_buffer(batch.input_ids.to(torch.int64).cpu()))
     h.update(fileio.tensor_buffer(batch.attention_mask.to(torch.int64).cpu()))
     return h.hexdigest()[:24]
