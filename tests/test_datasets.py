@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from workbench import datasets as wd
+from workbench.datasets import tables as wt
 from workbench.errors import WorkbenchError
 
 ROWS = [
@@ -313,11 +314,11 @@ def test_hub_without_the_datasets_library(monkeypatch):
 
 
 def test_source_detection():
-    assert wd._looks_like_file("data/x/prompts")
-    assert wd._looks_like_file("./prompts")
-    assert wd._looks_like_file("prompts.jsonl")
-    assert not wd._looks_like_file("walledai/AdvBench")
-    assert not wd._looks_like_file("tatsu-lab/alpaca")
+    assert wt._looks_like_file("data/x/prompts")
+    assert wt._looks_like_file("./prompts")
+    assert wt._looks_like_file("prompts.jsonl")
+    assert not wt._looks_like_file("walledai/AdvBench")
+    assert not wt._looks_like_file("tatsu-lab/alpaca")
 
 
 def test_real_datasets_library_offline_unknown_id(monkeypatch):
