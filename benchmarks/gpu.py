@@ -14,7 +14,7 @@ inputs (medians of ``--repeats`` interleaved runs, CUDA synchronised around ever
   Face ``generate`` of an unwrapped ``LlamaForCausalLM`` loaded from the same files (its default attention, and
   eager attention as the bridge uses); every run generates exactly ``--max-new-tokens`` tokens per prompt.
 * ``patching``: the batched ``resid_pre`` sweep (``prepare`` + ``exact_patch``) vs TransformerLens
-  ``get_act_patch_resid_pre`` (``workbench.patching.bench.bench_model``), with the max abs difference.
+  ``get_act_patch_resid_pre`` (``workbench.bench.patch.bench_model``), with the max abs difference.
 
 Prints one JSON object with the device name, the date and every figure.
 """
@@ -70,7 +70,7 @@ def write_random_llama(path: Path, shape: dict, device: str, dtype: torch.dtype,
     """A random-weight Llama of ``shape`` with a Llama-3 chat template, saved as a local HF checkpoint."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from workbench.patching.bench import _stdout_to_stderr
+    from workbench.bench.patch import _stdout_to_stderr
     from workbench.testing import make_tokenizer
 
     with _stdout_to_stderr():  # the tokenizer trainer writes to fd 1
@@ -119,7 +119,7 @@ def _reset_peak(device: torch.device) -> None:
 
 def bench_store(model, prompts: list[str], batch_size: int, repeats: int) -> dict:
     """Store (resid_pre, every layer, post-instruction positions) vs a bare forward on the same batches."""
-    from workbench.store.bench import forward_and_store_runs
+    from workbench.bench.cache import forward_and_store_runs
 
     device = next(model.parameters()).device
     tmp = Path(tempfile.mkdtemp(prefix="wb-gpu-store-"))
@@ -203,7 +203,7 @@ def bench_generation(model, path: Path, prompts: list[str], max_new_tokens: int,
 
 def bench_patching(model, n_pairs: int, repeats: int) -> dict:
     """The batched resid_pre sweep vs TransformerLens ``get_act_patch_resid_pre`` (same pairs and metric)."""
-    from workbench.patching.bench import bench_model, candidate_pairs, same_length_pairs
+    from workbench.bench.patch import bench_model, candidate_pairs, same_length_pairs
 
     device = next(model.parameters()).device
     clean, corrupted = candidate_pairs()
@@ -223,7 +223,7 @@ def run_benchmark(device: str = "cuda", dtype: str | None = None, small: bool = 
     import transformers
 
     from workbench.models import load_model, resolve_dtype
-    from workbench.store.bench import synthetic_prompts
+    from workbench.bench.cache import synthetic_prompts
 
     dev = torch.device(device)
     torch_dtype = resolve_dtype(dtype or ("bfloat16" if dev.type == "cuda" else "float32"))

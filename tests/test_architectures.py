@@ -245,7 +245,7 @@ def test_orthogonalize_equals_ablation(family, model, selection):
 @pytest.fixture(scope="module")
 def pairs(model):
     """Two equal-length (harmful, harmless) pairs sharing one token length: no padding anywhere."""
-    from workbench.patching.bench import candidate_pairs, same_length_pairs
+    from workbench.bench.patch import candidate_pairs, same_length_pairs
 
     clean, corrupted = candidate_pairs(limit=60)
     out = same_length_pairs(model.tokenizer, clean, corrupted, 2)
@@ -257,7 +257,7 @@ def pairs(model):
 def padded_pairs(model):
     """Three pairs of three different token lengths (left padding within the batch)."""
     from workbench import patching as wp
-    from workbench.patching.bench import candidate_pairs
+    from workbench.bench.patch import candidate_pairs
 
     clean, corrupted = candidate_pairs(limit=60)
     every = wp.make_pairs(model.tokenizer, clean, corrupted, drop_unequal=True)

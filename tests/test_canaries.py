@@ -116,7 +116,7 @@ def test_fast_patching_engine_engaged_and_equals_transformer_lens(bridge):
     import transformer_lens.patching as tlp
 
     from workbench import patching as wp
-    from workbench.patching.bench import candidate_pairs, same_length_pairs
+    from workbench.bench.patch import candidate_pairs, same_length_pairs
 
     clean, corrupted = candidate_pairs(limit=60)
     pairs = same_length_pairs(bridge.tokenizer, clean, corrupted, 2)

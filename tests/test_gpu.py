@@ -100,7 +100,7 @@ def test_patching_sweep_on_device_equals_transformer_lens(bf16):
     import transformer_lens.patching as tlp
 
     import workbench.patching as wp
-    from workbench.patching.bench import _quiet_tl, candidate_pairs, same_length_pairs
+    from workbench.bench.patch import _quiet_tl, candidate_pairs, same_length_pairs
 
     clean, corrupted = candidate_pairs()
     pairs = same_length_pairs(bf16.tokenizer, clean, corrupted, 3)

@@ -10,7 +10,7 @@ import torch
 
 import workbench.patching as wp
 from workbench.errors import WorkbenchError
-from workbench.patching.bench import candidate_pairs, same_length_pairs
+from workbench.bench.patch import candidate_pairs, same_length_pairs
 from workbench.patching.engine import Rows, plan_resume
 
 
@@ -307,7 +307,7 @@ def test_cli_patch_json(model3, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_bench_reports_exactness_and_speed(model3, flat_pairs):
-    from workbench.patching.bench import bench_model
+    from workbench.bench.patch import bench_model
 
     out = bench_model(model3, flat_pairs.select([0]), repeats=1)
     assert out["max_abs_diff_vs_transformer_lens"] < 1e-4

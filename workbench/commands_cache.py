@@ -109,7 +109,7 @@ def cmd_compute(a: argparse.Namespace) -> dict:
 
 
 def cmd_bench(a: argparse.Namespace) -> dict:
-    from .store.bench import run_benchmark
+    from .bench.cache import run_benchmark
 
     return run_benchmark(n_prompts=a.n_prompts, batch_size=a.batch_size, repeats=a.repeats, rss_prompts=a.rss_prompts,
                          organism=not a.no_organism, threads=a.threads)

@@ -60,7 +60,7 @@ def cmd_patch(a: argparse.Namespace) -> dict:
 def cmd_bench_patch(a: argparse.Namespace) -> dict:
     import torch
 
-    from .patching.bench import bench_patch
+    from .bench.patch import bench_patch
 
     if a.threads:
         torch.set_num_threads(a.threads)

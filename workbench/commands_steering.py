@@ -55,7 +55,7 @@ def _eval(a: argparse.Namespace) -> dict:
 
 
 def _bench(a: argparse.Namespace) -> dict:
-    from .steering.bench import bench_steer
+    from .bench.steer import bench_steer
 
     return bench_steer(batch=a.batch, max_new_tokens=a.max_new_tokens, repeats=a.repeats,
                        random_model=not a.organism_only)

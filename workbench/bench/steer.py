@@ -14,8 +14,8 @@ import torch
 
 from ..chat import tokenize_chat
 from ..generation import generate_batch
-from .controller import Controller, ControllerConfig
-from .steer import controller_plan
+from ..steering.controller import Controller, ControllerConfig
+from ..steering.steer import controller_plan
 
 
 def _time(fn, repeats: int) -> float:

@@ -95,8 +95,8 @@ def forward_and_store_runs(model, prompts: list[str], batch_size: int, tmp: Path
     deletes it)."""
     from ..chat import tokenize_chat
     from ..models import model_device
-    from .compute import get_or_compute
-    from .core import ActivationStore
+    from ..store.compute import get_or_compute
+    from ..store.core import ActivationStore
 
     device = model_device(model)
     batches = [tokenize_chat(model.tokenizer, prompts[i:i + batch_size]).to(device)
@@ -118,7 +118,7 @@ def forward_and_store_runs(model, prompts: list[str], batch_size: int, tmp: Path
 
 def _time_model(model, prompts: list[str], batch_size: int, repeats: int) -> dict:
     from ..models import fingerprint
-    from .spec import resolve_hooks
+    from ..store.spec import resolve_hooks
 
     names = resolve_hooks(model, "resid_pre")
     tmp = Path(tempfile.mkdtemp(prefix="wb-bench-store-"))
@@ -180,8 +180,8 @@ def _rss_child(model_path: str, n_prompts: int, batch_size: int, threads: int | 
     if threads:
         torch.set_num_threads(threads)
     from ..models import load_model
-    from .compute import get_or_compute
-    from .core import ActivationStore
+    from ..store.compute import get_or_compute
+    from ..store.core import ActivationStore
 
     import gc
 
@@ -212,7 +212,7 @@ def _rss_child(model_path: str, n_prompts: int, batch_size: int, threads: int | 
 def _rss(model_path: str, n_prompts: int, factor: int, batch_size: int, threads: int | None) -> dict:
     out = {}
     for label, n in (("1x", n_prompts), (f"{factor}x", n_prompts * factor)):
-        cmd = [sys.executable, "-m", "workbench.store.bench", "--rss-child", model_path, "--n-prompts", str(n),
+        cmd = [sys.executable, "-m", "workbench.bench.cache", "--rss-child", model_path, "--n-prompts", str(n),
                "--rss-prompts", str(n_prompts), "--batch-size", str(batch_size)] + (["--threads", str(threads)] if threads else [])
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)

@@ -22,9 +22,9 @@ import torch
 
 from ..errors import WorkbenchError
 from ..models import model_device
-from .exact import exact_patch, prepare
-from .metrics import make_metric
-from .pairs import PromptPairs, make_pairs
+from ..patching.exact import exact_patch, prepare
+from ..patching.metrics import make_metric
+from ..patching.pairs import PromptPairs, make_pairs
 
 
 def candidate_pairs(limit: int = 400) -> tuple[list[str], list[str]]:
@@ -179,7 +179,7 @@ def bench_patch(models: tuple[str, ...] = ("organism", "random512"), n_pairs: in
             pairs = None
             if name == "organism":
                 from ..models import organism_dir
-                from .pairs import read_pairs
+                from ..patching.pairs import read_pairs
 
                 file = organism_dir() / "pairs.jsonl"
                 if file.exists():
