@@ -16,9 +16,12 @@ import torch
 from torch import Tensor
 
 from ..errors import WorkbenchError
-from .engine import DEFAULT_MAX_TOKENS, Patch, Rows, Run, capture_run, model_device, run_rows
+from ..models import model_device
+from .capture import Run, capture_run
+from .engine import DEFAULT_MAX_TOKENS, run_rows
 from .metrics import Metric, check_separable, make_metric, normalise
 from .pairs import PromptPairs
+from .rows import Patch, Rows
 from .sites import AXES, HOOKS, hook_name, resolve
 
 MODES = ("denoise", "noise")
@@ -30,7 +33,7 @@ class PatchingRuns:
 
     Attributes:
         pairs: the tokenised pairs. metric: the metric.
-        clean, corrupted: the two unpatched runs (:class:`~workbench.patching.engine.Run`).
+        clean, corrupted: the two unpatched runs (:class:`~workbench.patching.capture.Run`).
         clean_metric, corrupted_metric: ``Float[Tensor, "pair"]`` per-pair metric of each run.
         components: components whose activations were kept.
         grads: attribution patching's gradients, filled on demand: mode -> hook name -> tensor.
