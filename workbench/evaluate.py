@@ -1,8 +1,14 @@
 """Refusal evaluation: greedy replies judged for refusal (the substring judge :func:`workbench.judge.is_refusal`
-by default, or any :class:`workbench.judge.Judge`), plus the refusal score."""
+by default, or any :class:`workbench.judge.Judge`), plus the refusal score.
+
+With ``batch_size="auto"`` (:func:`evaluate_refusal`) and under ``torchrun`` (:func:`evaluate_distributed`) the
+batches are cut, sized and spread over the ranks by :func:`workbench.parallel.map_batches`, each batch being an
+``evaluate_refusal`` call with an explicit batch size."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -14,6 +20,7 @@ from .errors import WorkbenchError
 from .models import model_device
 from .generation import Hook, generate_batch
 from .judge import Judge, get_judge, refusal_score, refusal_token_ids
+from .parallel import dist_context, map_batches
 from .progress import progress
 
 
@@ -66,12 +73,10 @@ def evaluate_refusal(
     """
     judge = get_judge(judge)  # built once (a classifier judge loads a model), shared by every batch
     if batch_size is None or isinstance(batch_size, str):  # adaptive: batches of explicit sizes, see workbench.parallel
-        args = dict(locals())  # every argument, passed on unchanged
-        from .parallel import evaluate_adaptive
-
-        return evaluate_adaptive(args.pop("model"), args.pop("prompt_sets"), **args)
-    if not prompt_sets or all(len(v) == 0 for v in prompt_sets.values()):
-        raise WorkbenchError("evaluate_refusal needs at least one non-empty prompt set")
+        options = dict(max_new_tokens=max_new_tokens, fwd_hooks=fwd_hooks, system=system, plan=plan,
+                       keep_logprobs=keep_logprobs, judge=judge)
+        return _evaluate_sharded(model, prompt_sets, batch_size, 0, 1, None, show_progress, options)
+    _check_prompt_sets(prompt_sets)
     ref_ids = refusal_token_ids(model.tokenizer)
     jobs = [(cat, p) for cat, ps in prompt_sets.items() for p in ps]
     rows, logprobs = [], []
@@ -96,6 +101,82 @@ def evaluate_refusal(
     table = pd.DataFrame(rows)
     table.attrs["judge"] = judge.name
     return Evaluation(table, torch.cat(logprobs) if keep_logprobs else None)
+
+
+def _check_prompt_sets(prompt_sets: Mapping[str, Sequence[str]]) -> None:
+    if not prompt_sets or all(len(v) == 0 for v in prompt_sets.values()):
+        raise WorkbenchError("evaluate_refusal needs at least one non-empty prompt set")
+
+
+def _group(chunk: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
+    """``[(category, prompt), ...]`` -> ``{category: [prompt, ...]}`` keeping the order (chunks are category-sorted)."""
+    out: dict[str, list[str]] = {}
+    for cat, p in chunk:
+        out.setdefault(cat, []).append(p)
+    return out
+
+
+def _merge(parts: list[Evaluation], keep_logprobs: bool) -> Evaluation:
+    """Concatenate :class:`Evaluation` parts in order (table attrs from the first part)."""
+    table = pd.concat([p.table for p in parts], ignore_index=True)
+    table.attrs = dict(parts[0].table.attrs)
+    logprobs = torch.cat([p.logprobs for p in parts]) if keep_logprobs else None
+    return Evaluation(table, logprobs)
+
+
+def _evaluate_sharded(model, prompt_sets: Mapping[str, Sequence[str]], batch_size, rank: int, world: int, dist,
+                      show_progress: bool, kwargs: dict) -> Evaluation:
+    """:func:`evaluate_refusal` over batches of ``batch_size`` jobs (:func:`workbench.parallel.map_batches`: this
+    rank runs batches ``rank, rank + world, ...``, ``"auto"`` sizes them and halves them on out-of-memory);
+    the parts are gathered in order."""
+    _check_prompt_sets(prompt_sets)
+    jobs = [(cat, p) for cat, ps in prompt_sets.items() for p in ps]
+    if kwargs.get("judge") is not None:  # resolve a named judge once, not once per batch
+        kwargs = {**kwargs, "judge": get_judge(kwargs["judge"])}
+
+    def seq_len() -> int:  # the padded width of all prompts, for the "auto" batch size
+        return int(tokenize_chat(model.tokenizer, [p for _, p in jobs], kwargs.get("system")).input_ids.shape[1])
+
+    parts = map_batches(
+        lambda sub: evaluate_refusal(model, _group(sub), batch_size=len(sub), show_progress=False, **kwargs),
+        jobs, batch_size, model, seq_len, new_tokens=int(kwargs.get("max_new_tokens", 24)), rank=rank, world=world,
+        dist=dist, show_progress=show_progress, desc="evaluate",
+    )
+    return _merge(parts, bool(kwargs.get("keep_logprobs", False)))
+
+
+def _fingerprint_jobs(prompt_sets: Mapping[str, Sequence[str]]) -> str:
+    return hashlib.sha256(json.dumps([[k, list(v)] for k, v in prompt_sets.items()]).encode()).hexdigest()[:16]
+
+
+def evaluate_distributed(model, prompt_sets: Mapping[str, Sequence[str]], batch_size: int | str | None = 32,
+                         show_progress: bool = True, **kwargs) -> Evaluation:
+    """:func:`evaluate_refusal` spread over the ``torchrun`` ranks (also importable from :mod:`workbench.parallel`).
+
+    Every rank must call it with the same prompts and an equal model. The jobs (category, prompt) are cut into
+    batches of ``batch_size`` exactly as ``evaluate_refusal`` cuts them; rank ``r`` generates batches
+    ``r, r + world, ...`` and the parts are gathered (gloo or NCCL, whichever group is initialised) in the
+    original order. Outside ``torchrun`` this is ``evaluate_refusal`` in one process.
+
+    Args:
+        batch_size: an int, or ``"auto"``/``None`` (each rank guesses from its free memory, the smallest guess is
+            used by all, and a batch that runs out of memory is generated in halves on that rank).
+        **kwargs: the other arguments of ``evaluate_refusal`` (``max_new_tokens``, ``fwd_hooks``, ``plan``,
+            ``system``, ``keep_logprobs``, ``judge``...).
+
+    Returns:
+        The full :class:`Evaluation` on every rank (the table of all prompts, in order).
+
+    Raises:
+        WorkbenchError: empty prompt sets, a bad batch size, or ranks holding different prompts.
+    """
+    rank, world, dist = dist_context()
+    if dist is not None:
+        seen: list = [None] * world
+        dist.all_gather_object(seen, _fingerprint_jobs(prompt_sets))
+        if len(set(seen)) != 1:
+            raise WorkbenchError(f"ranks hold different prompt sets (fingerprints {seen}); pass the same prompts on every rank")
+    return _evaluate_sharded(model, prompt_sets, batch_size, rank, world, dist, show_progress, kwargs)
 
 
 def first_token_kl(reference: Evaluation, steered: Evaluation, category: str | None = None) -> float:
