@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..errors import WorkbenchError
 from ..models import model_device
+from ..store import get_or_compute
 from .capture import Run, capture_run
 from .engine import DEFAULT_MAX_TOKENS, run_rows
 from .metrics import Metric, check_separable, make_metric, normalise
@@ -93,10 +94,6 @@ def _clean_override(clean_cache, names: Sequence[str], shape_of) -> dict[str, Te
 
 def _store_entry(model, pairs: PromptPairs, names: Sequence[str], store, show_progress: bool):
     """The clean prompts' activations at ``names``, all positions, from the cache store (computed if missing)."""
-    try:
-        from ..store import get_or_compute
-    except ImportError as exc:  # pragma: no cover - the store ships with the workbench
-        raise WorkbenchError("the cache store (workbench.store) is not available") from exc
     return get_or_compute(model, pairs.clean, hooks=list(names), positions="all",
                           store=None if store is True else store, system=pairs.system,
                           show_progress=show_progress)

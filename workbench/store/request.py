@@ -12,6 +12,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import pandas as pd
+
 from ..chat import ChatBatch
 from ..errors import WorkbenchError
 from ..models import fingerprint
@@ -50,15 +52,10 @@ class Request:
 
 def normalise_prompts(prompts) -> tuple[list[str], list[dict] | None]:
     """``(prompts, per-prompt metadata or None)`` from strings, dicts with a ``"prompt"`` field, or a DataFrame."""
-    try:
-        import pandas as pd
-
-        if isinstance(prompts, pd.DataFrame):
-            if "prompt" not in prompts.columns:
-                raise WorkbenchError(f"the prompt DataFrame has no 'prompt' column (columns: {list(prompts.columns)})")
-            prompts = prompts.to_dict("records")
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(prompts, pd.DataFrame):
+        if "prompt" not in prompts.columns:
+            raise WorkbenchError(f"the prompt DataFrame has no 'prompt' column (columns: {list(prompts.columns)})")
+        prompts = prompts.to_dict("records")
     if isinstance(prompts, str):
         raise WorkbenchError("prompts must be a list of strings (or of dicts with a 'prompt' field), got a single string")
     if prompts is None or len(prompts) == 0:
