@@ -8,9 +8,7 @@ from pathlib import Path
 
 from .errors import WorkbenchError
 from .models import organism_dir
-
-CATEGORIES = ("harmful", "jailbreak", "benign", "borderline")
-SPLITS = ("train", "val", "test")
+from .vocab import CATEGORIES, SPLITS  # noqa: F401 - re-exported (the names live in workbench.vocab)
 
 
 def parse_jsonl(lines: Iterable[str], source: str | Path) -> list:

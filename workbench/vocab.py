@@ -1,12 +1,29 @@
-"""The one vocabulary of hook sites: short site names -> TransformerLens hook names of a block.
+"""The one vocabulary of the package: hook sites, prompt categories and splits.
 
-Every module that names a hook takes it from here (:func:`hook_name`, :data:`SITES`); the TransformerBridge
-exposes the same names as TransformerLens (``blocks.{l}.hook_resid_pre`` ...).
+Hook sites
+    Every module that names a hook takes it from here (:func:`hook_name`, :data:`SITES`); the TransformerBridge
+    exposes the same names as TransformerLens (``blocks.{l}.hook_resid_pre`` ...).
+
+Categories
+    ``harmful``, ``jailbreak``, ``benign`` (the ordinary harmless requests: the organism's data, the steering
+    tables and the WAS paper call them so; "harmless" would also cover ``borderline``) and ``borderline``
+    (harmful-sounding words in a harmless sense). :data:`HARMFUL_LIKE` should be refused, :data:`BENIGN_LIKE`
+    should not.
 """
 
 from __future__ import annotations
 
 from .errors import WorkbenchError
+
+#: prompt categories, in reporting order
+CATEGORIES: tuple[str, ...] = ("harmful", "jailbreak", "benign", "borderline")
+#: categories a refusal-trained model should refuse / should answer
+HARMFUL_LIKE: tuple[str, ...] = ("harmful", "jailbreak")
+BENIGN_LIKE: tuple[str, ...] = ("benign", "borderline")
+#: the model organism's corpus also holds physically impossible requests (refused by the base model too)
+ORGANISM_CATEGORIES: tuple[str, ...] = CATEGORIES + ("impossible",)
+#: dataset splits
+SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 #: site -> TransformerLens hook name template, in forward order inside a block (``z``: per-head attention values).
 SITES: dict[str, str] = {

@@ -3,7 +3,7 @@
 * :func:`candidate_cosines` -- cosine similarity between every pair of candidates (layers x positions).
 * :func:`cosine_to` -- cosine of every candidate with one reference vector (e.g. the ground truth).
 * :func:`projection_by_layer` -- projection of each prompt's ``resid_pre`` on a direction, per layer and
-  post-instruction position, for several prompt sets (harmful / harmless / jailbreak ...).
+  post-instruction position, for several prompt sets (harmful / benign / jailbreak ...).
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ class Direction:
 
     Attributes:
         vector: ``Float[Tensor, "d_model"]`` (or ``Float[Tensor, "k d_model"]`` for a set, e.g. per layer).
-            For the difference in means this is the raw harmful-minus-harmless mean (its norm is the ActAdd
+            For the difference in means this is the raw harmful-minus-benign mean (its norm is the ActAdd
             coefficient of Arditi et al.); use :attr:`unit` for ablation.
         layer: the ``resid_pre`` layer it was read at (``None`` for layer-free baselines).
         position: negative post-instruction position (``-1`` = last prompt token), ``None`` if pooled.

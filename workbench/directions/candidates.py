@@ -2,7 +2,7 @@
 
 For every layer ``l`` and every post-instruction position ``p`` the candidate is
 
-    r[l, p] = mean_{harmful} x_l[p] - mean_{harmless} x_l[p]
+    r[l, p] = mean_{harmful} x_l[p] - mean_{benign} x_l[p]
 
 with ``x_l = blocks.{l}.hook_resid_pre``. The means are a streaming reduction over activation shards
 (``(row_slice, Float[Tensor, "rows pos d_model"])``, the cache store's ``iter_shards``), accumulated in
@@ -164,20 +164,20 @@ class Candidates:
     """Difference-in-means candidates at every layer and post-instruction position.
 
     Attributes:
-        directions: ``Float64[Tensor, "layer pos d_model"]`` harmful mean minus harmless mean.
-        harmful_mean, harmless_mean: ``Float64[Tensor, "layer pos d_model"]``.
+        directions: ``Float64[Tensor, "layer pos d_model"]`` harmful mean minus benign mean.
+        harmful_mean, benign_mean: ``Float64[Tensor, "layer pos d_model"]``.
         layers: layer index of each row of ``directions``.
         positions: negative post-instruction position of each column, e.g. ``[-4, -3, -2, -1]``.
-        n_harmful, n_harmless: prompt counts.
+        n_harmful, n_benign: prompt counts.
     """
 
     directions: Tensor
     harmful_mean: Tensor
-    harmless_mean: Tensor
+    benign_mean: Tensor
     layers: list[int]
     positions: list[int]
     n_harmful: int
-    n_harmless: int
+    n_benign: int
     meta: dict = field(default_factory=dict)
 
     @property
@@ -203,11 +203,11 @@ class Candidates:
         return self.directions.reshape(-1, self.d_model), keys
 
 
-def diff_in_means(harmful, harmless, hook_names: Sequence[str] | None = None) -> Candidates:
+def diff_in_means(harmful, benign, hook_names: Sequence[str] | None = None) -> Candidates:
     """Difference in means of two activation entries (store entries or :class:`MemoryEntry`).
 
     Args:
-        harmful, harmless: objects with ``hook_names``, ``positions`` and ``iter_shards(hook)``.
+        harmful, benign: objects with ``hook_names``, ``positions`` and ``iter_shards(hook)``.
         hook_names: which ``resid_pre`` hooks to use (default: every one in ``harmful``).
 
     Returns:
@@ -216,41 +216,41 @@ def diff_in_means(harmful, harmless, hook_names: Sequence[str] | None = None) ->
     names = list(hook_names) if hook_names is not None else list(harmful.hook_names)
     if not names:
         raise WorkbenchError("no hooks to compute candidates from")
-    for entry, what in ((harmful, "harmful"), (harmless, "harmless")):
+    for entry, what in ((harmful, "harmful"), (benign, "benign")):
         missing = [n for n in names if n not in entry.hook_names]
         if missing:
             raise WorkbenchError(f"the {what} activations lack hooks {missing}; they have {list(entry.hook_names)}")
-    if list(harmful.positions) != list(harmless.positions):
+    if list(harmful.positions) != list(benign.positions):
         raise WorkbenchError(
-            f"harmful and harmless activations cover different positions: {list(harmful.positions)} vs "
-            f"{list(harmless.positions)}"
+            f"harmful and benign activations cover different positions: {list(harmful.positions)} vs "
+            f"{list(benign.positions)}"
         )
     hm, bm = [], []
     n_h = n_b = 0
     for name in names:
         m, n_h = streaming_mean(harmful.iter_shards(name))
         hm.append(m)
-        m, n_b = streaming_mean(harmless.iter_shards(name))
+        m, n_b = streaming_mean(benign.iter_shards(name))
         bm.append(m)
     harmful_mean = torch.stack(hm)
-    harmless_mean = torch.stack(bm)
-    if harmful_mean.shape != harmless_mean.shape:
-        raise WorkbenchError(f"activation shapes differ: {tuple(harmful_mean.shape)} vs {tuple(harmless_mean.shape)}")
+    benign_mean = torch.stack(bm)
+    if harmful_mean.shape != benign_mean.shape:
+        raise WorkbenchError(f"activation shapes differ: {tuple(harmful_mean.shape)} vs {tuple(benign_mean.shape)}")
     return Candidates(
-        directions=harmful_mean - harmless_mean,
+        directions=harmful_mean - benign_mean,
         harmful_mean=harmful_mean,
-        harmless_mean=harmless_mean,
+        benign_mean=benign_mean,
         layers=[layer_of(n) for n in names],
         positions=[int(p) for p in harmful.positions],
         n_harmful=n_h,
-        n_harmless=n_b,
+        n_benign=n_b,
     )
 
 
 def candidate_directions(
     model,
     harmful: Sequence[str],
-    harmless: Sequence[str],
+    benign: Sequence[str],
     store=None,
     batch_size: int = 32,
     show_progress: bool = True,
@@ -258,16 +258,16 @@ def candidate_directions(
     """Difference-in-means candidates of ``model`` at every layer and post-instruction position.
 
     Args:
-        harmful, harmless: prompt lists (train split).
+        harmful, benign: prompt lists (train split).
         store: passed to the cache store (``None``: its default location).
 
     Returns:
         :class:`Candidates` with ``directions`` of shape ``Float64[Tensor, "n_layers n_post d_model"]``.
     """
     _check_prompts(harmful, "the harmful prompt set")
-    _check_prompts(harmless, "the harmless prompt set")
+    _check_prompts(benign, "the harmless prompt set")
     h = activation_entry(model, harmful, store=store, batch_size=batch_size, show_progress=show_progress)
-    b = activation_entry(model, harmless, store=store, batch_size=batch_size, show_progress=show_progress)
+    b = activation_entry(model, benign, store=store, batch_size=batch_size, show_progress=show_progress)
     names = [resid_pre_name(l) for l in range(int(model.cfg.n_layers))]
     cands = diff_in_means(h, b, names)
     cands.meta["d_model"] = int(model.cfg.d_model)

@@ -1,10 +1,10 @@
 """Other ways to find a refusal direction, over the same activation entries as the difference in means.
 
-* :func:`pca_directions` -- first principal axis of the paired differences ``x_harmful[i] - x_harmless[i]``
+* :func:`pca_directions` -- first principal axis of the paired differences ``x_harmful[i] - x_benign[i]``
   (uncentred, as in representation engineering: the axis that explains most of the pairs' differences),
   sign-aligned with the mean difference.
 * :func:`probe_directions` -- weight vector of an L2-regularised logistic-regression probe
-  (harmful = 1, harmless = 0), trained in torch with L-BFGS (on standardised activations; the weight is mapped back to raw units).
+  (harmful = 1, benign = 0), trained in torch with L-BFGS (on standardised activations; the weight is mapped back to raw units).
 * :func:`embedding_centroid` -- the baseline of the official Guiding Giants (WAS) code: the mean of the
   input-embedding rows of the tokens of the refusal phrases (:data:`workbench.judge.REFUSAL_PHRASES`).
 
@@ -63,17 +63,17 @@ def _fp(model) -> tuple[str, int]:
 def pca_directions(
     model,
     harmful,
-    harmless,
+    benign,
     position: int | None = -1,
     layers: Iterable[int] | None = None,
     show_progress: bool = True,
 ) -> Direction:
     """First principal axis of paired differences per layer.
 
-    Pairs are ``(harmful[i], harmless[i])`` for ``i < min(n_harmful, n_harmless)``.
+    Pairs are ``(harmful[i], benign[i])`` for ``i < min(n_harmful, n_benign)``.
 
     Args:
-        harmful, harmless: activation entries (``hook_names``, ``positions``, ``iter_shards``).
+        harmful, benign: activation entries (``hook_names``, ``positions``, ``iter_shards``).
         position: post-instruction position (``None``: mean over positions).
 
     Returns:
@@ -81,14 +81,14 @@ def pca_directions(
         ``scores["explained"]`` the fraction of the differences' energy on the axis per layer.
     """
     _check_entry(harmful, "harmful", position)
-    _check_entry(harmless, "harmless", position)
+    _check_entry(benign, "benign", position)
     layers = _layers(harmful, layers)
     vecs, explained = [], []
     for l in progress(layers, "pca", show_progress):
-        h, b = _acts(harmful, resid_pre_name(l), position), _acts(harmless, resid_pre_name(l), position)
+        h, b = _acts(harmful, resid_pre_name(l), position), _acts(benign, resid_pre_name(l), position)
         n = min(len(h), len(b))
         if n < 1:
-            raise WorkbenchError("PCA of paired differences needs at least one harmful and one harmless prompt")
+            raise WorkbenchError("PCA of paired differences needs at least one harmful and one benign prompt")
         diff = (h[:n] - b[:n]).double()
         _, s, vh = torch.linalg.svd(diff, full_matrices=False)
         v = vh[0]
@@ -134,26 +134,26 @@ def logistic_probe(x: Tensor, y: Tensor, l2: float = 1e-3, steps: int = 100) -> 
 def probe_directions(
     model,
     harmful,
-    harmless,
+    benign,
     position: int | None = -1,
     layers: Iterable[int] | None = None,
     l2: float = 1e-3,
     show_progress: bool = True,
 ) -> Direction:
-    """Logistic-regression probe (harmful vs harmless) per layer; its weight vector is the direction.
+    """Logistic-regression probe (harmful vs benign) per layer; its weight vector is the direction.
 
     Returns:
         :class:`Direction` with ``vector`` ``Float[Tensor, "layer d_model"]`` (unit rows), method ``"probe"``,
         ``scores["train_accuracy"]`` per layer.
     """
     _check_entry(harmful, "harmful", position)
-    _check_entry(harmless, "harmless", position)
+    _check_entry(benign, "benign", position)
     layers = _layers(harmful, layers)
     vecs, acc = [], []
     for l in progress(layers, "probe", show_progress):
-        h, b = _acts(harmful, resid_pre_name(l), position), _acts(harmless, resid_pre_name(l), position)
+        h, b = _acts(harmful, resid_pre_name(l), position), _acts(benign, resid_pre_name(l), position)
         if len(h) == 0 or len(b) == 0:
-            raise WorkbenchError("a probe needs at least one harmful and one harmless prompt")
+            raise WorkbenchError("a probe needs at least one harmful and one benign prompt")
         x = torch.cat([h, b])
         y = torch.cat([torch.ones(len(h)), torch.zeros(len(b))])
         w, bias = logistic_probe(x, y, l2=l2)

@@ -139,7 +139,7 @@ def actadd_hooks(
 
     Args:
         vector: a :class:`Direction` or ``Float[Tensor, "d_model"]`` (added as is, so the difference in means
-            with ``coefficient=1`` adds the mean harmful-minus-harmless shift, as in Arditi et al.).
+            with ``coefficient=1`` adds the mean harmful-minus-benign shift, as in Arditi et al.).
         layers: one layer or a set of layers.
         positions: ``"all"`` (every position, generated tokens included) or ``"last"`` (the last position of
             each forward: the last prompt token at prefill, then every new token on cached decoding steps).

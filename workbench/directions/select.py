@@ -4,9 +4,9 @@ For each candidate ``r = r[l, p]``, on validation prompts:
 
 * ``bypass_score`` -- mean refusal score (log-odds of a refusal first token, :func:`workbench.judge.refusal_score`)
   of harmful prompts with ``r`` ablated everywhere (lower is better);
-* ``induce_score`` -- mean refusal score of harmless prompts with ``r`` added at ``blocks.{l}.hook_resid_pre``
+* ``induce_score`` -- mean refusal score of benign prompts with ``r`` added at ``blocks.{l}.hook_resid_pre``
   (all positions);
-* ``kl`` -- mean KL(base || ablated) of the next-token distribution at the last position of harmless prompts.
+* ``kl`` -- mean KL(base || ablated) of the next-token distribution at the last position of benign prompts.
 
 A candidate passes when ``induce_score > induce_threshold``, ``kl <= kl_threshold`` and
 ``layer < (1 - prune_layer_fraction) * n_layers``; the passing candidate with the lowest ``bypass_score`` is
@@ -137,7 +137,7 @@ def score_candidates(
     model,
     candidates: Candidates,
     harmful_val: Sequence[str],
-    harmless_val: Sequence[str],
+    benign_val: Sequence[str],
     config: SelectionConfig | None = None,
     show_progress: bool = True,
     system: str | None = None,
@@ -146,13 +146,13 @@ def score_candidates(
 
     Returns:
         One row per candidate: ``layer``, ``position``, ``norm``, ``bypass_score``, ``induce_score``, ``kl``,
-        ``base_harmful_score``, ``base_harmless_score``, and the filter columns ``pass_induce``, ``pass_kl``,
-        ``pass_layer``, ``passes``. Zero candidates (identical means, e.g. layer 0 at template positions) get
+        ``base_harmful_score``, ``base_harmless_score`` (of the benign prompts; the column name the plots and
+        reports read), and the filter columns ``pass_induce``, ``pass_kl``, ``pass_layer``, ``passes``. Zero candidates (identical means, e.g. layer 0 at template positions) get
         NaN scores and never pass.
     """
     cfg = config or SelectionConfig()
     _check_prompts(harmful_val, "the harmful validation set")
-    _check_prompts(harmless_val, "the harmless validation set")
+    _check_prompts(benign_val, "the benign validation set")
     d = int(model.cfg.d_model)
     if candidates.d_model != d:
         raise WorkbenchError(f"candidates have d_model={candidates.d_model} but the model has d_model={d}")
@@ -167,13 +167,13 @@ def score_candidates(
     # zero candidates (e.g. layer 0 at template positions: same tokens, same embeddings) cannot be scored
     live = torch.nonzero(norms > 0).flatten()
     if len(live) == 0:
-        raise WorkbenchError("every candidate is a zero vector (identical harmful and harmless means)")
+        raise WorkbenchError("every candidate is a zero vector (identical harmful and benign means)")
     vecs32 = vecs[live].float()
     units = unit(vecs32)
     cand_layers = torch.tensor([keys[i][0] for i in live.tolist()])
     ref_ids = refusal_token_ids(model.tokenizer)
     hb = tokenize_chat(model.tokenizer, list(harmful_val), system)
-    bb = tokenize_chat(model.tokenizer, list(harmless_val), system)
+    bb = tokenize_chat(model.tokenizer, list(benign_val), system)
     base_h = base_logits(model, hb, cfg.batch_size)
     base_b = base_logits(model, bb, cfg.batch_size)
     base_b_logp = torch.log_softmax(base_b, -1)
@@ -257,9 +257,9 @@ class Selection:
 def find_refusal_direction(
     model,
     harmful_train: Sequence[str],
-    harmless_train: Sequence[str],
+    benign_train: Sequence[str],
     harmful_val: Sequence[str],
-    harmless_val: Sequence[str],
+    benign_val: Sequence[str],
     config: SelectionConfig | None = None,
     store=None,
     show_progress: bool = True,
@@ -271,19 +271,19 @@ def find_refusal_direction(
         ``(layer, position)``, ``direction.scores`` its row of the score table.
     """
     cfg = config or SelectionConfig()
-    for prompts, what in ((harmful_train, "harmful train"), (harmless_train, "harmless train"),
-                          (harmful_val, "harmful validation"), (harmless_val, "harmless validation")):
+    for prompts, what in ((harmful_train, "harmful train"), (benign_train, "benign train"),
+                          (harmful_val, "harmful validation"), (benign_val, "benign validation")):
         _check_prompts(prompts, f"the {what} set")
-    cands = candidate_directions(model, harmful_train, harmless_train, store=store, batch_size=cfg.batch_size,
+    cands = candidate_directions(model, harmful_train, benign_train, store=store, batch_size=cfg.batch_size,
                                  show_progress=show_progress)
-    scores = score_candidates(model, cands, harmful_val, harmless_val, cfg, show_progress=show_progress)
+    scores = score_candidates(model, cands, harmful_val, benign_val, cfg, show_progress=show_progress)
     best = select_candidate(scores, int(model.cfg.n_layers), cfg)
     layer, pos = int(best["layer"]), int(best["position"])
     row = {k: (v.item() if hasattr(v, "item") else v) for k, v in best.to_dict().items()}
     direction = Direction.from_vector(
         model, cands.vector(layer, pos), layer, pos, "diff_in_means", scores=row,
-        meta={"selection": asdict(cfg), "n_harmful_train": cands.n_harmful, "n_harmless_train": cands.n_harmless,
-              "n_harmful_val": len(harmful_val), "n_harmless_val": len(harmless_val),
+        meta={"selection": asdict(cfg), "n_harmful_train": cands.n_harmful, "n_benign_train": cands.n_benign,
+              "n_harmful_val": len(harmful_val), "n_benign_val": len(benign_val),
               "model": getattr(model, "_wb_source", {}).get("name")},
     )
     return Selection(direction, scores, cands)

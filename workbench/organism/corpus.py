@@ -43,8 +43,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-CATEGORIES: tuple[str, ...] = ("harmful", "benign", "borderline", "jailbreak", "impossible")
-SPLITS: tuple[str, ...] = ("train", "val", "test")
+from ..vocab import ORGANISM_CATEGORIES as CATEGORIES  # noqa: F401 - re-exported (workbench.vocab)
+from ..vocab import SPLITS  # noqa: F401 - re-exported
 CORPUS_VERSION = 1
 
 # --------------------------------------------------------------------------------------------- word lists

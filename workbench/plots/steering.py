@@ -26,10 +26,9 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..errors import WorkbenchError
+from ..vocab import CATEGORIES
 from ._checks import require_frame, select, single_value
 from .style import CATEGORY_ORDER, METHOD_ORDER, SEQUENTIAL, color_map, ordered, styled
-
-CURVE_CATEGORIES = ("harmful", "jailbreak", "benign", "borderline")
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -328,10 +327,10 @@ def alpha_sweep(curves: pd.DataFrame, categories: Sequence[str] | None = None) -
     if isinstance(curves, Mapping) and "curves" in curves:
         curves = curves["curves"]
     df = require_frame(curves, what, ["alpha", "method"])
-    cs = list(categories) if categories is not None else [c for c in CURVE_CATEGORIES if c in df.columns]
+    cs = list(categories) if categories is not None else [c for c in CATEGORIES if c in df.columns]
     df = require_frame(df, what, ["alpha", "method"] + cs)
     if not cs:
-        raise WorkbenchError(f"{what}: no refusal-rate columns; expected some of {list(CURVE_CATEGORIES)}")
+        raise WorkbenchError(f"{what}: no refusal-rate columns; expected some of {list(CATEGORIES)}")
     ms = ordered(df["method"].tolist(), METHOD_ORDER)
     colors = color_map(cs)
     fig = make_subplots(rows=1, cols=len(ms), shared_yaxes=True, subplot_titles=ms, horizontal_spacing=0.04)

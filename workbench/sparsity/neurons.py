@@ -1,9 +1,9 @@
 """Differential neurons: which MLP neurons fire differently on harmful prompts, and how few carry refusal.
 
 **Ranking.** For every neuron ``(layer, i)`` of ``blocks.{l}.mlp.hook_post`` the effect size between harmful
-and harmless prompts is Cohen's d,
+and benign prompts is Cohen's d,
 
-    d = (mean_harmful - mean_harmless) / s_pooled,   s_pooled^2 = ((n1 - 1) s1^2 + (n0 - 1) s0^2) / (n1 + n0 - 2)
+    d = (mean_harmful - mean_benign) / s_pooled,   s_pooled^2 = ((n1 - 1) s1^2 + (n0 - 1) s0^2) / (n1 + n0 - 2)
 
 over one sample per prompt: the neuron's activation averaged over the entry's positions (``pool="mean"``;
 store entries at ``positions="post_instruction"`` or ``"last"``), the last position only (``pool="last"``)
@@ -75,7 +75,7 @@ def cohens_d(n1: int, s1, ss1, n0: int, s0, ss0) -> tuple:
     Neurons with zero pooled variance get ``d = 0`` when their means agree and ``+-inf`` otherwise.
     """
     if n1 < 2 or n0 < 2:
-        raise WorkbenchError(f"Cohen's d needs at least 2 samples per group, got {n1} harmful and {n0} harmless")
+        raise WorkbenchError(f"Cohen's d needs at least 2 samples per group, got {n1} harmful and {n0} benign")
     m1, m0 = s1 / n1, s0 / n0
     v1 = ((ss1 - n1 * m1 * m1) / (n1 - 1)).clamp_min(0)
     v0 = ((ss0 - n0 * m0 * m0) / (n0 - 1)).clamp_min(0)
@@ -86,37 +86,37 @@ def cohens_d(n1: int, s1, ss1, n0: int, s0, ss0) -> tuple:
     return d, m1, m0, v1.sqrt(), v0.sqrt()
 
 
-def differential_neurons(harmful_entry, harmless_entry, layers: Sequence[int] | None = None, pool: str = "mean",
+def differential_neurons(harmful_entry, benign_entry, layers: Sequence[int] | None = None, pool: str = "mean",
                          show_progress: bool = False) -> pd.DataFrame:
-    """Rank every MLP neuron by its harmful-vs-harmless effect size (Cohen's d), streaming both entries.
+    """Rank every MLP neuron by its harmful-vs-benign effect size (Cohen's d), streaming both entries.
 
     Args:
-        harmful_entry, harmless_entry: store entries holding ``mlp.hook_post`` (``Float[Tensor, "prompt pos d_mlp"]``),
+        harmful_entry, benign_entry: store entries holding ``mlp.hook_post`` (``Float[Tensor, "prompt pos d_mlp"]``),
             typically at ``positions="post_instruction"`` or ``"last"``.
         layers: a subset of the layers both entries hold (default: all of the harmful entry's).
         pool: ``"mean"`` (average over positions per prompt), ``"last"``, or ``"tokens"`` (every real position).
 
     Returns:
         One row per neuron, most differential first: ``rank, layer, neuron, cohens_d, abs_d, mean_harmful,
-        mean_harmless, std_harmful, std_harmless, mean_all`` (``mean_all``: mean over both sets' samples, the
+        mean_benign, std_harmful, std_benign, mean_all`` (``mean_all``: mean over both sets' samples, the
         value of mean ablation).
     """
     if pool not in POOLS:
         raise WorkbenchError(f"unknown pool {pool!r}; expected one of {POOLS}")
     hl = entry_layers(harmful_entry, layers)
-    bl = dict(entry_layers(harmless_entry, [l for l, _ in hl]))
-    mh, mb = entry_mask(harmful_entry), entry_mask(harmless_entry)
+    bl = dict(entry_layers(benign_entry, [l for l, _ in hl]))
+    mh, mb = entry_mask(harmful_entry), entry_mask(benign_entry)
     frames = []
     for layer, hook in progress(hl, "differential neurons", show_progress):
         n1, s1, ss1 = _moments(harmful_entry, hook, mh, pool)
-        n0, s0, ss0 = _moments(harmless_entry, bl[layer], mb, pool)
+        n0, s0, ss0 = _moments(benign_entry, bl[layer], mb, pool)
         if s1.shape != s0.shape:
             raise WorkbenchError(f"layer {layer}: the entries have different widths ({s1.shape[0]} vs {s0.shape[0]})")
         d, m1, m0, sd1, sd0 = cohens_d(n1, s1, ss1, n0, s0, ss0)
         frames.append(pd.DataFrame({
             "layer": layer, "neuron": np.arange(d.shape[0]), "cohens_d": d.numpy(), "abs_d": d.abs().numpy(),
-            "mean_harmful": m1.numpy(), "mean_harmless": m0.numpy(), "std_harmful": sd1.numpy(),
-            "std_harmless": sd0.numpy(), "mean_all": ((s1 + s0) / (n1 + n0)).numpy(),
+            "mean_harmful": m1.numpy(), "mean_benign": m0.numpy(), "std_harmful": sd1.numpy(),
+            "std_benign": sd0.numpy(), "mean_all": ((s1 + s0) / (n1 + n0)).numpy(),
         }))
     df = pd.concat(frames, ignore_index=True)
     df = df.sort_values(["abs_d", "layer", "neuron"], ascending=[False, True, True], ignore_index=True, kind="stable")
@@ -124,7 +124,7 @@ def differential_neurons(harmful_entry, harmless_entry, layers: Sequence[int] | 
     return df
 
 
-def differential_neurons_for(model, harmful: Sequence[str], harmless: Sequence[str], positions="post_instruction",
+def differential_neurons_for(model, harmful: Sequence[str], benign: Sequence[str], positions="post_instruction",
                              layers: Sequence[int] | None = None, pool: str = "mean", store=None,
                              batch_size: int = 32, show_progress: bool = False) -> pd.DataFrame:
     """:func:`differential_neurons` on store entries of ``mlp.hook_post`` of two prompt lists (computed once)."""
@@ -133,7 +133,7 @@ def differential_neurons_for(model, harmful: Sequence[str], harmless: Sequence[s
     hooks = ("mlp_post",) if layers is None else ("mlp_post", list(layers))
     eh = get_or_compute(model, list(harmful), hooks=hooks, positions=positions, store=store, batch_size=batch_size,
                         show_progress=show_progress)
-    eb = get_or_compute(model, list(harmless), hooks=hooks, positions=positions, store=store, batch_size=batch_size,
+    eb = get_or_compute(model, list(benign), hooks=hooks, positions=positions, store=store, batch_size=batch_size,
                         show_progress=show_progress)
     return differential_neurons(eh, eb, layers, pool, show_progress)
 

@@ -386,7 +386,7 @@ def sparsity_by_category(
     show_progress: bool = False,
 ) -> CategorySparsity:
     """:func:`activation_sparsity`, :func:`activation_ratio` and (with ``channel``) :func:`channel_sparsity`
-    for each prompt set (e.g. ``{"harmful": ..., "harmless": ..., "jailbreak": ...}``), streamed from store
+    for each prompt set (e.g. ``{"harmful": ..., "benign": ..., "jailbreak": ...}``), streamed from store
     entries of ``mlp.hook_post`` at every position (computed once, reused afterwards)."""
     if not isinstance(prompt_sets, Mapping) or not prompt_sets:
         raise WorkbenchError("prompt_sets must be a non-empty {category: prompts} mapping")

@@ -71,7 +71,7 @@ def topk_sweep(
 
     Args:
         text: held-out text for the loss (optional).
-        prompt_sets: ``{category: prompts}`` for refusal rates (optional), e.g. harmful and harmless.
+        prompt_sets: ``{category: prompts}`` for refusal rates (optional), e.g. harmful and benign.
         ks: ints (absolute) or fractions of ``d_mlp``; ``k = d_mlp`` is the dense reference.
         layers: the sparsified layers (default: all).
 

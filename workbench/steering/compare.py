@@ -26,13 +26,11 @@ from torch import Tensor
 from ..chat import ChatBatch
 from ..evaluate import Evaluation, evaluate_refusal, first_token_kl, reply_cross_entropy
 from ..progress import progress
+from ..vocab import BENIGN_LIKE, HARMFUL_LIKE
 from .controller import Controller, ControllerConfig
 from .augment import wrapped_benign
 from .steer import SteeringPlan, controller_inputs, controller_plan, fixed_plan, gated_plan
 from .train import TrainingSet, build_training_set, train_bce, train_e2e
-
-HARMFUL_LIKE = ("harmful", "jailbreak")
-BENIGN_LIKE = ("benign", "borderline")
 
 
 @dataclass
@@ -136,7 +134,7 @@ def compare_methods(
     Args:
         direction: unit refusal direction ``Float[Tensor, "d_model"]``; ``layer`` its layer.
         train/val/test: ``{category: prompts}`` with categories harmful, jailbreak, benign, borderline.
-        alpha_unit: the natural steering magnitude (e.g. the harmful-minus-harmless mean projection at
+        alpha_unit: the natural steering magnitude (e.g. the harmful-minus-benign mean projection at
             ``layer``); every ``α`` below is a multiple of it.
         centroid_direction: the embedding-centroid direction for ``official_equivalent``.
 
