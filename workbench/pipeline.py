@@ -1,197 +1,92 @@
-"""The main job behind ``workbench run``: cache -> directions -> patching -> sparsity -> controller -> figures
--> report.
+"""The main job behind ``workbench run``: the stages of :mod:`workbench.stages` in a loop, then figures and report.
 
-Every stage reads and writes the one activation store, saves its artifacts under ``out_dir/<stage>/``, and
-adds a block to ``summary.json``. Figures go to ``out_dir/figures/`` as HTML (offline) and PNG; ``report.md``
-and ``report.html`` tie them together.
+Every stage runs on the model, the prompt data (``--data``: :func:`workbench.promptsets.load_data`), the one
+activation store and the artifact directories of the stages it reads; it writes its artifacts under
+``out_dir/<stage>/``, adds a block to ``summary.json`` and draws its figures into ``out_dir/figures/`` (HTML,
+offline, and PNG); ``report.md`` and ``report.html`` tie them together.
 
-Two levels of reuse: the activation store serves any run on the same model and prompts (cached activations
-are never recomputed), and a finished stage leaves ``out_dir/<stage>/stage.json`` with a key over the model
-fingerprint, the run configuration, the workbench source and the runtime versions (python, torch, transformers,
-transformer-lens, workbench: an upgrade recomputes); a second run into the same ``out_dir`` with
-the same key reuses that stage's results and figures instead of recomputing them (``force=True`` /
-``--force`` recomputes). Most of a stage's time is generation under interventions, which no activation
-cache can save, so the stage records are what make a repeated run fast.
+Two levels of reuse: the activation store serves any run on the same model and prompts (cached activations are
+never recomputed), and a finished stage leaves ``out_dir/<stage>/stage.json`` with a key over the stage's own
+config, the model fingerprint and dtype, the data's content hash, the sha256 of every upstream artifact the stage
+reads, the workbench source and the runtime versions (python, torch, transformers, transformer-lens, workbench).
+A second run into the same ``out_dir`` with the same key reuses that stage instead of recomputing it
+(``force=True`` / ``--force`` recomputes); changing one stage's config recomputes that stage and the stages that
+read its artifacts, nothing else.
 
 ``summary.json`` records the software that produced it (``"versions"``: :func:`workbench.provenance.versions`,
-git commit included) and every fallback taken (``"fallbacks"``: ``[{"kind", "message"}, ...]``, see
+git commit included), the data (``"data"``: source, hash, counts) and every fallback taken (``"fallbacks"``: see
 :mod:`workbench.fallbacks`); each ``stage.json`` keeps its stage's fallbacks, so a reused stage still reports them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .configs import from_dict, to_dict
 from .errors import WorkbenchError
 from .fallbacks import recording_fallbacks
 from .provenance import runtime_versions, versions
+from .stages import STAGES as STAGE_REGISTRY
+from .stages import DirectionsConfig, EvaluateConfig, PatchingConfig, SparsityConfig, SteeringConfig
 
-STAGES = ("evaluate", "directions", "patching", "sparsity", "steering")
+STAGES = tuple(STAGE_REGISTRY)
 
 
 @dataclass
 class RunConfig:
-    """One main-job run; saved as ``config.json`` so the run can be repeated."""
+    """One main-job run; saved as ``config.json`` (``workbench run --config config.json`` repeats it)."""
 
+    #: 'organism', a local Hugging Face directory or a hub id
     model: str = "organism"
+    #: prompt data: 'organism' or a prompt file (JSONL/CSV/... with prompt, category[, split, reply])
+    data: str = "organism"
+    #: output directory of the run
     out_dir: str = "runs/latest"
+    #: cpu, cuda, cuda:1 ... (default: cuda when available)
     device: str | None = None
+    #: float32 (default), bfloat16, float16
     dtype: str | None = None
+    #: activation store directory (default: the user cache)
     store: str | None = None
+    #: the stages to run, in order
     stages: tuple[str, ...] = STAGES
+    #: draw figures
     figures: bool = True
+    #: also write PNGs next to the HTML figures
     png: bool = True
-    e2e_steps: int = 600
-    n_pairs: int = 16
-    #: at most this many prompts per category and split in every stage (``None``: all; small = a quick run)
+    #: at most this many prompts per category and split in every stage, and this many held-out conversations in
+    #: the sparsity stage (a quick run)
     limit: int | None = None
-    #: recompute every stage even when ``out_dir`` holds a finished one with the same key
+    #: recompute every stage even when out_dir holds a finished one with the same key
     force: bool = False
     show_progress: bool = True
-    extra: dict = field(default_factory=dict)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    directions: DirectionsConfig = field(default_factory=DirectionsConfig)
+    patching: PatchingConfig = field(default_factory=PatchingConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    steering: SteeringConfig = field(default_factory=SteeringConfig)
 
+    def stage_config(self, stage: str):
+        """The config of ``stage`` as this run applies it (``limit`` also caps sparsity's held-out set)."""
+        config = getattr(self, stage)
+        if stage == "sparsity" and self.limit is not None:
+            cap = min(self.limit, config.heldout_limit or self.limit)
+            config = dataclasses.replace(config, heldout_limit=cap)
+        return config
 
-@dataclass
-class RunState:
-    model: object
-    store: object
-    out: Path
-    cfg: RunConfig
-    summary: dict = field(default_factory=dict)
-    figures: list[tuple[str, str, Path]] = field(default_factory=list)  # (stage, title, html path)
-    direction: object = None
-
-    def figure(self, stage: str, name: str, title: str, fig) -> None:
-        if not self.cfg.figures:
-            return
-        from .plots import save_figure
-
-        formats = ("html", "png") if self.cfg.png else ("html",)
-        paths = save_figure(fig, self.out / "figures" / name, formats=formats)
-        self.figures.append((stage, title, Path(paths["html"])))
-
-
-def _stage_evaluate(st: RunState) -> dict:
-    from .data import CATEGORIES, organism_splits
-    from .evaluate import evaluate_refusal
-
-    ev = evaluate_refusal(st.model, organism_splits("test", CATEGORIES, limit=st.cfg.limit),
-                          show_progress=st.cfg.show_progress)
-    (st.out / "evaluate").mkdir(exist_ok=True)
-    ev.table.to_json(st.out / "evaluate" / "generations.jsonl", orient="records", lines=True)
-    return ev.summary()
-
-
-def _stage_directions(st: RunState) -> dict:
-    from . import plots
-    from .directions import candidate_cosines, projection_by_layer
-    from .directions.report import directions_report
-    from .data import organism_prompts
-
-    lim = st.cfg.limit
-    summary, sel = directions_report(st.model, limit_train=lim, limit_val=lim, limit_test=lim, store=st.store,
-                                     show_progress=st.cfg.show_progress)
-    d = sel.direction
-    st.direction = d
-    out = st.out / "directions"
-    out.mkdir(exist_ok=True)
-    d.save(out / "direction")
-    sel.scores.to_csv(out / "candidate_scores.csv", index=False)
-    st.figure("directions", "candidate_scores", "Candidate directions: bypass score (layer x position)",
-              plots.candidate_scores_heatmap(sel.scores, selected=(d.layer, d.position)))
-    st.figure("directions", "bypass_vs_induce", "Bypass vs induce score of every candidate",
-              plots.bypass_induce_scatter(sel.scores, selected=(d.layer, d.position)))
-    st.figure("directions", "candidate_cosines", "Cosine similarity of candidates across layers",
-              plots.cosine_matrix(candidate_cosines(sel.candidates)))
-    sets = {c: organism_prompts("test", c, min(64, lim or 64)) for c in ("harmful", "benign", "jailbreak")}
-    proj = projection_by_layer(st.model, d, sets, store=st.store, show_progress=st.cfg.show_progress)
-    proj.to_csv(out / "projections.csv", index=False)
-    st.figure("directions", "projections", "Projection on the refusal direction per layer",
-              plots.projection_plot(proj))
-    return summary
-
-
-def _stage_patching(st: RunState) -> dict:
-    from . import plots
-    from .patching import prepare, run_patching
-    from .patching.pairs import organism_pairs
-    from .patching.run import organism_ground_truth
-
-    pairs = organism_pairs(st.model.tokenizer, limit=st.cfg.n_pairs, drop_unequal=True)
-    components = ("resid_pre", "attn_out", "mlp_out", "heads")
-    runs = prepare(st.model, pairs, "refusal_score", components, store=st.store or True,
-                   show_progress=st.cfg.show_progress)
-    truth = organism_ground_truth(st.model)
-    planted = truth[0] if truth is not None else None
-    report = run_patching(st.model, runs, components=components, direction=st.direction, planted_layer=planted,
-                          show_progress=st.cfg.show_progress)
-    report.save(st.out / "patching")
-    st.figure("patching", "patching_resid", "Denoising patching (normalised refusal score) by layer x position",
-              plots.patching_heatmaps([report.exact[c] for c in ("resid_pre", "attn_out", "mlp_out")]))
-    if "heads" in report.exact:
-        st.figure("patching", "patching_heads", "Attention heads (layer x head)", plots.patching_heatmap(report.exact["heads"]))
-    if report.attribution:
-        exact = [report.exact[c] for c in report.attribution]
-        st.figure("patching", "attribution_vs_exact", "Attribution vs exact patching",
-                  plots.attribution_vs_exact(exact, list(report.attribution.values())))
-    if report.subspace is not None:
-        st.figure("patching", "subspace", "Subspace patching and the illusion check",
-                  plots.subspace_patching_plot(report.subspace))
-    return report.summary
-
-
-def _stage_sparsity(st: RunState) -> dict:
-    from . import plots
-    from .sparsity.report import SparsityConfig, save_tables, sparsity_report
-
-    sc = SparsityConfig() if st.cfg.limit is None else SparsityConfig(limit=st.cfg.limit, heldout_limit=st.cfg.limit)
-    summary, tables = sparsity_report(st.model, sc, direction=st.direction, store=st.store,
-                                      show_progress=st.cfg.show_progress)
-    save_tables(tables, st.out / "sparsity")
-    if "sparsity" in tables:
-        st.figure("sparsity", "sparsity_by_layer", "MLP activation sparsity per layer",
-                  plots.sparsity_by_layer(tables["sparsity"], threshold=summary.get("default_threshold")))
-    if "ppl_curve" in tables:
-        st.figure("sparsity", "ppl_sparsity", "PPL-p% sparsity", plots.ppl_sparsity_curve(tables["ppl_curve"]))
-    if "ablation_curve" in tables:
-        st.figure("sparsity", "neuron_ablation", "Differential vs random neuron ablation",
-                  plots.neuron_ablation_curve(tables["ablation_curve"]))
-    return summary
-
-
-def _stage_steering(st: RunState) -> dict:
-    from . import plots
-    from .steering.compare import CompareConfig
-    from .steering.pipeline import resolve_direction, run_comparison
-
-    d = st.direction or resolve_direction(st.model, show_progress=st.cfg.show_progress)
-    out = run_comparison(st.model, d, CompareConfig(e2e_steps=st.cfg.e2e_steps), out_dir=st.out / "steering",
-                         limit=st.cfg.limit, show_progress=st.cfg.show_progress)
-    res = out.pop("_result")
-    st.figure("steering", "refusal_rates", "Refusal rate by method and split (test)", plots.refusal_rate_bars(res))
-    st.figure("steering", "controller_weights", "WAS controller layer weights (prompts x layers)",
-              plots.controller_weights_heatmap(res["tables"], method="was_e2e"))
-    st.figure("steering", "controller_weights_mean", "Mean layer weight per category",
-              plots.controller_weights_by_category(res["tables"], method="was_e2e"))
-    st.figure("steering", "scale_distribution", "Controller scale s by category",
-              plots.scale_distribution(res["tables"], method="was_e2e"))
-    if len(res["curves"]):
-        st.figure("steering", "alpha_tradeoff", "Alpha trade-off: refusal vs false refusal (validation)",
-                  plots.alpha_tradeoff(res["curves"], points=res))
-    st.figure("steering", "example_generations", "Example generations with and without steering",
-              plots.generations_table(res["tables"]))
-    return out
-
-
-_STAGE_FUNCS: dict[str, Callable[[RunState], dict]] = {
-    "evaluate": _stage_evaluate, "directions": _stage_directions, "patching": _stage_patching,
-    "sparsity": _stage_sparsity, "steering": _stage_steering,
-}
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        """A run configuration from a ``config.json`` (as a run writes it)."""
+        path = Path(path)
+        try:
+            return from_dict(cls, json.loads(path.read_text()), f"{path}")
+        except (OSError, json.JSONDecodeError) as exc:
+            raise WorkbenchError(f"cannot read the run configuration {str(path)!r}: {exc}") from exc
 
 
 def source_hash() -> str:
@@ -204,91 +99,128 @@ def source_hash() -> str:
     return h.hexdigest()
 
 
-def _stage_key(cfg: RunConfig, stage: str, model_fp: str, code: str) -> str:
-    """Reuse key of a stage: stage, run configuration, model fingerprint, workbench source hash and the runtime
-    versions (:func:`workbench.provenance.runtime_versions`; the git commit is left out, ``code`` covers it)."""
-    conf = {k: v for k, v in cfg.__dict__.items() if k not in ("out_dir", "stages", "show_progress", "force")}
-    blob = json.dumps({"stage": stage, "config": conf, "model": model_fp, "code": code,
-                       "versions": runtime_versions()}, sort_keys=True, default=list)
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def stage_key(stage: str, config, model_fp: str, data_hash: str, inputs: dict[str, str], code: str,
+              dtype: str | None = None, device: str | None = None) -> str:
+    """Reuse key of a stage: its own config, the model fingerprint (and dtype, device), the data hash, the sha256
+    of each upstream artifact it reads (``inputs``: ``{"directions/direction.json": sha256}``), the workbench
+    source hash and the runtime versions (:func:`workbench.provenance.runtime_versions`; the git commit is left
+    out, ``code`` covers it)."""
+    blob = json.dumps({"stage": stage, "config": to_dict(config), "model": model_fp, "dtype": dtype,
+                       "device": device, "data": data_hash, "inputs": inputs, "code": code,
+                       "versions": runtime_versions()}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _reuse_stage(st: RunState, stage: str, key: str) -> dict | None:
-    """The ``stage.json`` record (``key``, ``summary``, ``figures``, ``fallbacks``) of a finished stage with this
-    key (its figures re-registered), else ``None``."""
-    rec_path = st.out / stage / "stage.json"
-    if st.cfg.force or not rec_path.exists():
+@dataclass
+class _Run:
+    cfg: RunConfig
+    out: Path
+    figures: list[tuple[str, str, Path]] = field(default_factory=list)  # (stage, title, html path)
+
+    def save_figures(self, stage: str, figs) -> list[tuple[str, str, Path]]:
+        from .plots import save_figure
+
+        formats = ("html", "png") if self.cfg.png else ("html",)
+        added = []
+        for name, title, fig in figs:
+            paths = save_figure(fig, self.out / "figures" / name, formats=formats)
+            added.append((stage, title, Path(paths["html"])))
+        self.figures.extend(added)
+        return added
+
+
+def stage_inputs(out: Path, stage, planned: tuple[str, ...]) -> tuple[dict[str, Path], dict[str, str]]:
+    """The upstream artifact directories ``stage`` reads under ``out`` and the sha256 of their files; a missing
+    required upstream is an error naming the stage to run first."""
+    dirs, hashes = {}, {}
+    for up, files in stage.reads.items():
+        paths = [out / up / f for f in files]
+        if all(p.exists() for p in paths):
+            dirs[up] = out / up
+            hashes.update({f"{up}/{p.name}": file_sha256(p) for p in paths})
+        elif up in stage.requires:
+            raise WorkbenchError(f"the {stage.name} stage reads the {up} stage's artifacts ({', '.join(files)}), "
+                                 f"which {str(out / up)!r} does not hold; run the {up} stage first (add it to "
+                                 f"the stages: {','.join(dict.fromkeys((up,) + planned))})")
+    return dirs, hashes
+
+
+def _reuse(run: _Run, stage: str, key: str) -> dict | None:
+    """The ``stage.json`` record of a finished stage with this key (its figures re-registered), else ``None``."""
+    rec_path = run.out / stage / "stage.json"
+    if run.cfg.force or not rec_path.exists():
         return None
     rec = json.loads(rec_path.read_text())
-    figs = [(s, t, st.out / p) for s, t, p in rec.get("figures", [])]
+    figs = [(s, t, run.out / p) for s, t, p in rec.get("figures", [])]
     if rec.get("key") != key or not all(p.exists() for _, _, p in figs):
         return None
-    if stage == "directions":
-        from .directions import Direction
-
-        path = st.out / "directions" / "direction"
-        if not path.with_suffix(".safetensors").exists():
-            return None
-        st.direction = Direction.load(path, model=st.model)
-    st.figures.extend(figs)
-    return rec
-
-
-def _run_stage(st: RunState, stage: str, key: str, fallbacks: list[dict]) -> dict:
-    """Compute ``stage`` and write its ``stage.json`` record: ``key``, ``summary``, ``figures`` and the
-    ``fallbacks`` taken while it ran (the tail of ``fallbacks``, the run's list, that it added)."""
-    n_figs, n_fallbacks = len(st.figures), len(fallbacks)
-    result = _STAGE_FUNCS[stage](st)
-    (st.out / stage).mkdir(exist_ok=True)
-    rec = {"key": key, "summary": result,
-           "figures": [(s, ti, str(p.relative_to(st.out))) for s, ti, p in st.figures[n_figs:]],
-           "fallbacks": fallbacks[n_fallbacks:]}
-    (st.out / stage / "stage.json").write_text(json.dumps(rec, indent=2, default=str))
+    run.figures.extend(figs)
     return rec
 
 
 def run_main_job(cfg: RunConfig) -> dict:
     """Run every stage of ``cfg.stages`` in order; returns the summary (also written to ``summary.json``).
 
-    A stage finished by an earlier run into the same ``out_dir`` with the same key (model, configuration,
-    workbench source, runtime versions) is reused, not recomputed, unless ``cfg.force``; ``summary["reused"]``
-    lists them. The summary records ``"versions"`` (:func:`workbench.provenance.versions`) and ``"fallbacks"``
-    (every fallback of the run, those recorded by reused stages included).
+    A stage finished by an earlier run into the same ``out_dir`` with the same key (see :func:`stage_key`) is
+    reused, not recomputed, unless ``cfg.force``; ``summary["reused"]`` lists them. The summary records
+    ``"versions"`` (:func:`workbench.provenance.versions`), ``"data"`` and ``"fallbacks"`` (every fallback of the
+    run, those recorded by reused stages included).
     """
-    from .models import fingerprint, load_model
+    from . import models
+    from .promptsets import load_data
     from .store import ActivationStore
 
-    unknown = [s for s in cfg.stages if s not in _STAGE_FUNCS]
+    unknown = [s for s in cfg.stages if s not in STAGE_REGISTRY]
     if unknown:
         raise WorkbenchError(f"unknown stage(s) {unknown}; expected a subset of {list(STAGES)}")
     out = Path(cfg.out_dir)
+    data = load_data(cfg.data).limited(cfg.limit)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.__dict__, indent=2, default=list))
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     t0 = time.time()
+    run = _Run(cfg, out)
+    summary: dict = {}
     with recording_fallbacks() as fallbacks:
-        model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-        st = RunState(model, ActivationStore(cfg.store), out, cfg)
-        st.summary.update(model=cfg.model, versions=versions(), fallbacks=fallbacks)
+        model = models.load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        store = ActivationStore(cfg.store)
+        summary.update(model=cfg.model, data=data.describe(), versions=versions(), fallbacks=fallbacks)
         timings = {"load_model": round(time.time() - t0, 1)}
-        model_fp, code = fingerprint(model), source_hash()
+        model_fp, code = models.fingerprint(model), source_hash()
         reused = []
-        for stage in cfg.stages:
+        for name in cfg.stages:
             t = time.time()
-            key = _stage_key(cfg, stage, model_fp, code)
-            rec = _reuse_stage(st, stage, key)
+            stage, config = STAGE_REGISTRY[name], cfg.stage_config(name)
+            inputs, hashes = stage_inputs(out, stage, cfg.stages)
+            key = stage_key(name, config, model_fp, data.hash, hashes, code, cfg.dtype, cfg.device)
+            rec = _reuse(run, name, key)
             if rec is not None:
-                reused.append(stage)
+                reused.append(name)
                 fallbacks.extend(rec.get("fallbacks", []))
             else:
-                rec = _run_stage(st, stage, key, fallbacks)
-            st.summary[stage] = rec["summary"]
-            timings[stage] = round(time.time() - t, 1)
-            (out / "summary.json").write_text(json.dumps({**st.summary, "seconds": timings}, indent=2, default=str))
+                n_fallbacks = len(fallbacks)
+                result = stage.run(model, data, store, config, inputs, show_progress=cfg.show_progress)
+                result.save(out / name)
+                figs = run.save_figures(name, stage.figures(result)) if cfg.figures else []
+                rec = {"key": key, "summary": result.summary,
+                       "figures": [(s, ti, str(p.relative_to(out))) for s, ti, p in figs],
+                       "fallbacks": fallbacks[n_fallbacks:]}
+                (out / name / "stage.json").write_text(json.dumps(rec, indent=2, default=str))
+            summary[name] = rec["summary"]
+            timings[name] = round(time.time() - t, 1)
+            (out / "summary.json").write_text(json.dumps({**summary, "seconds": timings}, indent=2, default=str))
     timings["total"] = round(time.time() - t0, 1)
-    st.summary["seconds"] = timings
-    st.summary["reused"] = reused
-    (out / "summary.json").write_text(json.dumps(st.summary, indent=2, default=str))
+    summary["seconds"] = timings
+    summary["reused"] = reused
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     from .report import write_report
 
-    write_report(st.summary, st.figures, out)
-    return st.summary
+    write_report(summary, run.figures, out)
+    return summary

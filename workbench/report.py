@@ -26,6 +26,10 @@ def _rates_table(methods: dict) -> list[str]:
 def headline_markdown(summary: dict) -> list[str]:
     """The few numbers a reader wants first, as Markdown lines."""
     out = [f"# Refusal workbench report: `{summary.get('model')}`", ""]
+    data = summary.get("data")
+    if data:
+        n = {s: sum(c.values()) for s, c in data.get("n", {}).items()}
+        out += [f"Prompt data: `{data.get('source')}` (hash {data.get('hash')}; prompts per split {n}).", ""]
     ev = summary.get("evaluate")
     if ev:
         out += ["## Baseline refusal (test split, greedy, substring judge)", "",
@@ -37,7 +41,7 @@ def headline_markdown(summary: dict) -> list[str]:
     if d:
         out += ["## Refusal direction", "", f"Selected layer {d['selected']['layer']}, position "
                 f"{d['selected']['position']}; cosine with the planted direction: {d.get('cos_ground_truth', 'n/a')}; "
-                f"KL on harmless prompts under ablation: {d.get('kl_harmless_ablated')}.", "",
+                f"KL on benign prompts under ablation: {d.get('kl_benign_ablated')}.", "",
                 "```json", json.dumps(d.get("refusal_rate"), indent=2), "```", ""]
     s = summary.get("steering")
     if s:

@@ -171,3 +171,34 @@ def organism_pairs(tokenizer, limit: int | None = 16, drop_unequal: bool = True)
 
     clean, corrupted = read_pairs(organism_dir() / "pairs.jsonl")
     return make_pairs(tokenizer, clean, corrupted, drop_unequal=drop_unequal, limit=limit)
+
+
+def pairs_by_length(tokenizer, clean: Sequence[str], corrupted: Sequence[str], limit: int | None = 16,
+                    system: str | None = None) -> PromptPairs:
+    """Pairs of a clean (harmful) and a corrupted (benign) prompt of equal chat-formatted token length, for
+    prompt data without minimal pairs: each clean prompt, in order, takes the first unused corrupted prompt of its
+    length; clean prompts without a partner are left out. Unlike minimal pairs the two prompts differ across the
+    whole instruction, so position-wise effects spread over it (the post-instruction positions still align).
+
+    Raises:
+        WorkbenchError: no clean prompt has a corrupted prompt of its token length.
+    """
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    clean, corrupted = list(clean), list(corrupted)
+    if not clean or not corrupted:
+        raise WorkbenchError(f"pairing needs clean and corrupted prompts, got {len(clean)} and {len(corrupted)}")
+    lengths = tokenize_chat(tokenizer, clean + corrupted, system).lengths.tolist()
+    free: dict[int, list[int]] = {}
+    for j, n in enumerate(lengths[len(clean):]):
+        free.setdefault(int(n), []).append(j)
+    cl, co = [], []
+    for i, n in enumerate(lengths[:len(clean)]):
+        if free.get(int(n)):
+            cl.append(clean[i])
+            co.append(corrupted[free[int(n)].pop(0)])
+            if limit is not None and len(cl) >= limit:
+                break
+    if not cl:
+        raise WorkbenchError(f"none of the {len(clean)} clean prompts has a corrupted prompt of the same token length "
+                             f"among {len(corrupted)}; give minimal pairs instead")
+    return make_pairs(tokenizer, cl, co, system=system)

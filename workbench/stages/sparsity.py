@@ -1,19 +1,23 @@
-"""The end-to-end sparsity run behind ``workbench sparsity``, on the organism's prompt splits.
+"""The sparsity stage: MLP activation sparsity, PPL-p%, top-k, differential neurons and the direction's
+sparsity, on the prompt data (behind ``workbench sparsity`` and ``workbench run``).
 
-What runs on which prompts (``organism_prompts(split, category)``, at most ``limit`` per category):
+What runs on which prompts (at most ``limit`` per category):
 
 * per-category sparsity (global thresholds, activation ratio, CHESS per-channel thresholds):
-  ``stats_split`` (test) harmful / harmless (= ``benign``) / jailbreak, every real position;
+  ``stats_split`` (test) harmful / benign / jailbreak, every real position;
   the CHESS thresholds are calibrated on ``calibration_split`` (train) benign prompts;
-* PPL-p%: ``heldout_split`` (val) prompts of every category + their target replies (loss on ``heldout_scope``);
-* top-k: the same held-out loss, refusal rates of the ``stats_split`` harmful and harmless prompts;
+* PPL-p%: ``heldout_split`` (val) conversations, every category, with their replies (loss on
+  ``heldout_scope``); the data's ``reply`` field when it has one (the organism's target replies), else the model's
+  own greedy replies (``heldout_reply_tokens`` long), as recorded in the summary;
+* top-k: the same held-out loss, refusal rates of the ``stats_split`` harmful and benign prompts;
 * differential neurons: ranked on ``calibration_split`` harmful vs benign (``positions``, ``pool``), ablated
   while measuring ``stats_split`` harmful refusal and the loss on the ``heldout_split`` benign conversations;
-* direction: a given direction, else the organism's planted ground truth and the difference in means of
-  ``resid_pre`` (last position, ``calibration_split`` harmful - benign) at the layer after the planted one
-  (the middle layer without a ground truth).
+* direction: the directions stage's direction when present, else the organism's planted ground truth and the
+  difference in means of ``resid_pre`` (last position, ``calibration_split`` harmful - benign) at the layer
+  after the planted one (the middle layer without a ground truth).
 
-:class:`SparsityConfig` describes a run completely; it is saved next to the tables.
+:class:`SparsityConfig` describes a run completely; it is saved in the summary. Writes one CSV per table and
+``summary.json``.
 """
 
 from __future__ import annotations
@@ -26,13 +30,14 @@ import pandas as pd
 import torch
 
 from ..errors import WorkbenchError
+from ..sparsity.direction import direction_alignment, direction_sparsity, direction_vector, neuron_cosines
+from ..sparsity.heldout import heldout_text
+from ..sparsity.neurons import DEFAULT_NS, ablation_curve, differential_neurons_for
+from ..sparsity.ppl import ppl_sparsity
+from ..sparsity.stats import DEFAULT_THRESHOLD, DEFAULT_THRESHOLDS, channel_thresholds, mlp_entry, sparsity_by_category
+from ..sparsity.topk import DEFAULT_K_FRACTIONS, topk_sweep
 from ..vocab import hook_name
-from .direction import direction_alignment, direction_sparsity, direction_vector, neuron_cosines
-from .heldout import heldout_text
-from .neurons import DEFAULT_NS, ablation_curve, differential_neurons_for
-from .ppl import ppl_sparsity
-from .stats import DEFAULT_THRESHOLD, DEFAULT_THRESHOLDS, channel_thresholds, mlp_entry, sparsity_by_category
-from .topk import DEFAULT_K_FRACTIONS, topk_sweep
+from .base import Result, Stage
 
 STEPS = ("stats", "ppl", "topk", "neurons", "direction")
 
@@ -46,7 +51,8 @@ class SparsityConfig:
     heldout_split: str = "val"
     limit: int | None = 128
     heldout_limit: int | None = None
-    harmless_category: str = "benign"
+    #: reply length of the model's own replies used as held-out text when the data has no replies
+    heldout_reply_tokens: int = 32
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     default_threshold: float = DEFAULT_THRESHOLD
     chess_quantile: float = 0.5
@@ -97,9 +103,32 @@ def diff_in_means_last(model, harmful, harmless, layer: int, store=None, batch_s
     return (means[0] - means[1]).float()
 
 
-def sparsity_report(model, config: SparsityConfig | None = None, direction=None, store=None,
+def heldout_rows(model, data, cfg: SparsityConfig, show_progress: bool = False) -> tuple[list[dict], str]:
+    """The held-out conversations of ``cfg.heldout_split`` (at most ``heldout_limit``) and where their replies come
+    from: the data's ``reply`` field, else the model's own greedy replies (``heldout_reply_tokens`` tokens)."""
+    rows = data.rows_of(cfg.heldout_split)
+    with_reply = [r for r in rows if isinstance(r.get("reply"), str)]
+    if with_reply:
+        rows, source = with_reply, "the data's replies"
+    else:
+        from ..generation import generate
+
+        rows = rows[: cfg.heldout_limit] if cfg.heldout_limit else rows
+        replies = generate(model, [r["prompt"] for r in rows], max_new_tokens=cfg.heldout_reply_tokens,
+                           batch_size=cfg.batch_size, show_progress=show_progress)
+        rows = [{**r, "reply": rep} for r, rep in zip(rows, replies) if rep.strip()]
+        source = f"the model's greedy replies ({cfg.heldout_reply_tokens} tokens)"
+    if cfg.heldout_limit:
+        rows = rows[: cfg.heldout_limit]
+    if not rows:
+        raise WorkbenchError(f"the prompt data ({data.source}) has no {cfg.heldout_split} conversations for the "
+                             "held-out loss")
+    return rows, source
+
+
+def sparsity_report(model, data, config: SparsityConfig | None = None, direction=None, store=None,
                     show_progress: bool = True) -> tuple[dict, dict[str, pd.DataFrame]]:
-    """Run every sparsity analysis on the organism splits.
+    """Run every sparsity analysis on ``data`` (a :class:`workbench.promptsets.PromptSets`).
 
     Args:
         direction: optional refusal direction (tensor or Direction artifact) for the direction step.
@@ -108,23 +137,21 @@ def sparsity_report(model, config: SparsityConfig | None = None, direction=None,
         ``(summary, tables)``: a JSON-able summary (per-layer sparsity at the default threshold, PPL-p%
         sparsity, differential-neuron halving count vs random, ...) and every DataFrame by name.
     """
-    from ..data import organism_prompts, organism_rows
-
     cfg = config or SparsityConfig()
     t0 = time.time()
     bs, sp = cfg.batch_size, show_progress
     n_layers = int(model.cfg.n_layers)
-    cats = {"harmful": "harmful", "harmless": cfg.harmless_category, "jailbreak": "jailbreak"}
-    test = {k: organism_prompts(cfg.stats_split, c, cfg.limit) for k, c in cats.items()}
-    cal_h = organism_prompts(cfg.calibration_split, "harmful", cfg.limit)
-    cal_b = organism_prompts(cfg.calibration_split, cfg.harmless_category, cfg.limit)
-    held_rows = [r for r in organism_rows(cfg.heldout_split) if isinstance(r.get("reply"), str)]
-    if cfg.heldout_limit:
-        held_rows = held_rows[: cfg.heldout_limit]
+    data.require(cfg.stats_split, "harmful", "benign")
+    data.require(cfg.calibration_split, "harmful", "benign")
+    test = {c: data.prompts(cfg.stats_split, c, cfg.limit) for c in ("harmful", "benign", "jailbreak")
+            if data.prompts(cfg.stats_split, c)}
+    cal_h = data.prompts(cfg.calibration_split, "harmful", cfg.limit)
+    cal_b = data.prompts(cfg.calibration_split, "benign", cfg.limit)
+    held_rows, held_source = heldout_rows(model, data, cfg, sp)
     text = heldout_text(model.tokenizer, held_rows, scope=cfg.heldout_scope)
     summary: dict = {"model": (getattr(model, "_wb_source", None) or {}).get("name"), "d_mlp": int(model.cfg.d_mlp),
                      "n_layers": n_layers, "hook": "blocks.{l}.mlp.hook_post",
-                     "n_prompts": {k: len(v) for k, v in test.items()}}
+                     "n_prompts": {k: len(v) for k, v in test.items()}, "heldout_replies": held_source}
     tables: dict[str, pd.DataFrame] = {}
     timings = {}
 
@@ -142,7 +169,7 @@ def sparsity_report(model, config: SparsityConfig | None = None, direction=None,
             c: {int(r.layer): _r(r.sparsity) for r in g.itertuples()} for c, g in at.groupby("category", sort=False)}
         summary["activation_ratio_mean"] = {
             c: {int(r.layer): _r(r.mean) for r in g.itertuples()} for c, g in tabs.ratio.groupby("category", sort=False)}
-        summary["chess"] = {"quantile": cfg.chess_quantile, "calibration": f"{cfg.calibration_split}/{cfg.harmless_category}",
+        summary["chess"] = {"quantile": cfg.chess_quantile, "calibration": f"{cfg.calibration_split}/benign",
                             "sparsity": {c: {int(r.layer): _r(r.sparsity) for r in g.itertuples()}
                                          for c, g in tabs.channel.groupby("category", sort=False)}}
         timings["stats"] = round(time.time() - t, 1)
@@ -164,12 +191,12 @@ def sparsity_report(model, config: SparsityConfig | None = None, direction=None,
 
     if "topk" in cfg.steps:
         t = time.time()
-        tk = topk_sweep(model, text, {"harmful": test["harmful"], "harmless": test["harmless"]}, cfg.topk,
+        tk = topk_sweep(model, text, {"harmful": test["harmful"], "benign": test["benign"]}, cfg.topk,
                         cfg.topk_layers, cfg.max_new_tokens, bs, sp)
         tables["topk"] = tk
         summary["topk"] = {int(k): {r.metric: _r(r.value) for r in g.itertuples()
                                     if r.metric in ("loss", "ppl_increase_pct", "refusal_rate:harmful",
-                                                    "refusal_rate:harmless")}
+                                                    "refusal_rate:benign")}
                            for k, g in tk.groupby("k", sort=False)}
         timings["topk"] = round(time.time() - t, 1)
 
@@ -177,15 +204,15 @@ def sparsity_report(model, config: SparsityConfig | None = None, direction=None,
         t = time.time()
         rank = differential_neurons_for(model, cal_h, cal_b, positions=cfg.positions, pool=cfg.pool, store=store,
                                         batch_size=bs, show_progress=sp)
-        harmless_text = heldout_text(model.tokenizer, [r for r in held_rows if r["category"] == cfg.harmless_category]
-                                     or held_rows, scope=cfg.heldout_scope)
+        benign_text = heldout_text(model.tokenizer, [r for r in held_rows if r["category"] == "benign"]
+                                   or held_rows, scope=cfg.heldout_scope)
         ns = tuple(n for n in cfg.ablation_ns if n <= len(rank))
-        abl = ablation_curve(model, rank, test["harmful"], harmless_text, ns, cfg.ablation_mode, cfg.n_seeds,
+        abl = ablation_curve(model, rank, test["harmful"], benign_text, ns, cfg.ablation_mode, cfg.n_seeds,
                              cfg.control, max_new_tokens=cfg.max_new_tokens, batch_size=bs, show_progress=sp)
         tables.update(differential_neurons=rank, ablation_curve=abl.curve)
         top = rank.head(10)
         summary["differential_neurons"] = {
-            "ranked_on": f"{cfg.calibration_split} harmful vs {cfg.harmless_category} ({len(cal_h)}+{len(cal_b)}), "
+            "ranked_on": f"{cfg.calibration_split} harmful vs benign ({len(cal_h)}+{len(cal_b)}), "
                          f"positions={cfg.positions}, pool={cfg.pool}",
             "top": [{"layer": int(r.layer), "neuron": int(r.neuron), "cohens_d": _r(r.cohens_d, 3)} for r in top.itertuples()],
             "n_abs_d_above_1": int((rank["abs_d"] > 1).sum()),
@@ -253,15 +280,31 @@ def _headline(summary: dict, cfg: SparsityConfig) -> dict:
     return out
 
 
-def save_tables(tables: dict[str, pd.DataFrame], out_dir: str | Path) -> dict[str, str]:
-    """Write every table as ``<name>.csv`` under ``out_dir``; returns ``{name: path}``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, df in tables.items():
-        if df is None:
-            continue
-        p = out / f"{name}.csv"
-        df.to_csv(p, index=False)
-        paths[name] = str(p)
-    return paths
+class SparsityStage(Stage):
+    name = "sparsity"
+    config_class = SparsityConfig
+    reads = {"directions": ("direction.safetensors", "direction.json")}
+
+    def run(self, model, data, store, config: SparsityConfig, inputs, show_progress: bool = True) -> Result:
+        direction = None
+        if "directions" in inputs:
+            from ..directions import Direction
+
+            direction = Direction.load(inputs["directions"] / "direction", model=model)
+        summary, tables = sparsity_report(model, data, config, direction=direction, store=store,
+                                          show_progress=show_progress)
+        return Result(summary, tables)
+
+    def figures(self, result: Result):
+        from .. import plots
+
+        t, figs = result.tables, []
+        if "sparsity" in t:
+            figs.append(("sparsity_by_layer", "MLP activation sparsity per layer",
+                         plots.sparsity_by_layer(t["sparsity"], threshold=result.summary.get("default_threshold"))))
+        if "ppl_curve" in t:
+            figs.append(("ppl_sparsity", "PPL-p% sparsity", plots.ppl_sparsity_curve(t["ppl_curve"])))
+        if "ablation_curve" in t:
+            figs.append(("neuron_ablation", "Differential vs random neuron ablation",
+                         plots.neuron_ablation_curve(t["ablation_curve"])))
+        return figs
