@@ -216,3 +216,73 @@ def test_one_jsonl_reader_for_prompts_pairs_and_benchmarks(tmp_path):
         read_pairs(keyless)
     with pytest.raises(WorkbenchError, match="pair file .*missing.jsonl' does not exist"):
         read_pairs(tmp_path / "missing.jsonl")
+
+
+def test_vocabulary_categories_are_defined_once():
+    """The category and split names live in workbench.vocab; data, the organism corpus, steering and the plots
+    use those tuples themselves."""
+    from workbench import data, vocab
+    from workbench.organism import corpus
+    from workbench.steering import compare
+
+    assert vocab.CATEGORIES == ("harmful", "jailbreak", "benign", "borderline") and "harmless" not in vocab.CATEGORIES
+    assert vocab.SPLITS == ("train", "val", "test")
+    assert set(vocab.HARMFUL_LIKE) | set(vocab.BENIGN_LIKE) == set(vocab.CATEGORIES)
+    assert not set(vocab.HARMFUL_LIKE) & set(vocab.BENIGN_LIKE)
+    assert data.CATEGORIES is vocab.CATEGORIES and data.SPLITS is vocab.SPLITS and corpus.SPLITS is vocab.SPLITS
+    assert corpus.CATEGORIES is vocab.ORGANISM_CATEGORIES and set(corpus.CATEGORIES) - set(vocab.CATEGORIES) == {"impossible"}
+    assert compare.HARMFUL_LIKE is vocab.HARMFUL_LIKE and compare.BENIGN_LIKE is vocab.BENIGN_LIKE
+
+
+def test_positions_one_spelling():
+    """normalize_positions: the canonical spelling of every accepted form (old aliases included), and one
+    clear error for the rest."""
+    from workbench.vocab import normalize_positions
+
+    assert normalize_positions("last") == "last" and normalize_positions(" ALL ") == "all"
+    assert normalize_positions("post") == normalize_positions("post_instruction") == "post_instruction"
+    assert normalize_positions("last_k(3)") == normalize_positions(("last_k", 3)) == ("last_k", 3)
+    assert normalize_positions(-2) == (-2,) and normalize_positions([-1, -3, -1]) == (-3, -1)
+    assert normalize_positions(range(-2, 0)) == (-2, -1)
+    for bad, msg in (("first", "unknown positions 'first'; positions must be"), ([0, -1], "must be negative"),
+                     (("last_k", 0), "k must be >= 1"), (("last_k", "2"), "k must be an int"), ([], "unknown"),
+                     (1.5, "unknown positions 1.5"), ([True], "unknown")):
+        with pytest.raises(WorkbenchError, match=msg):
+            normalize_positions(bad)
+
+
+def test_resolve_positions_offsets_and_labels():
+    from workbench.store.spec import canonical_positions
+    from workbench.vocab import resolve_positions
+
+    assert canonical_positions is resolve_positions
+    assert resolve_positions("last") == ([-1], "last")
+    assert resolve_positions("post_instruction", 5) == ([-5, -4, -3, -2, -1], "post_instruction")
+    assert resolve_positions("post", 4) == ([-4, -3, -2, -1], "post_instruction")
+    assert resolve_positions(("last_k", 2)) == ([-2, -1], "last_k(2)")
+    assert resolve_positions([-1, -3]) == ([-3, -1], "[-3,-1]") and resolve_positions(-2) == ([-2], "[-2]")
+    assert resolve_positions("all") == ("all", "all")
+    with pytest.raises(WorkbenchError, match="need the number of post-instruction tokens"):
+        resolve_positions("post_instruction")
+
+
+def test_position_offsets_of_cached_columns():
+    from workbench.vocab import position_offsets
+
+    assert position_offsets("all", 3) == [-3, -2, -1] and position_offsets(None, 2) == [-2, -1]
+    assert position_offsets("post_instruction", 4) == [-4, -3, -2, -1]
+    assert position_offsets([-5, -1], 2) == [-5, -1] and position_offsets("last", 1) == [-1]
+
+
+def test_position_index_selects_the_same_columns_as_the_offsets():
+    from workbench.vocab import position_index, resolve_positions
+
+    x = torch.arange(6)
+    for spec, n_post in (("all", None), ("last", None), ("post", 3), (("last_k", 2), None), ([-4, -2], None),
+                         ([-3, -2, -1], None)):
+        offsets, _ = resolve_positions(spec, n_post)
+        want = x if offsets == "all" else x[offsets]
+        assert torch.equal(x[position_index(spec, n_post)], want), spec
+    assert position_index("last") == slice(-1, None)  # a slice: also fits a cached decoding step of length 1
+    assert torch.equal(x[:1][position_index(("last_k", 4))], x[:1])
+    assert position_index([-4, -2]) == [-4, -2]

@@ -1,6 +1,7 @@
 """Candidate refusal directions: difference in means of ``resid_pre`` (Arditi et al. 2024).
 
-For every layer ``l`` and every post-instruction position ``p`` the candidate is
+For every layer ``l`` and every position ``p`` (by default the post-instruction positions; any
+:data:`workbench.vocab.Positions` present in every prompt) the candidate is
 
     r[l, p] = mean_{harmful} x_l[p] - mean_{benign} x_l[p]
 
@@ -24,7 +25,7 @@ from ..chat import post_instruction_positions, tokenize_chat
 from ..errors import WorkbenchError
 from ..models import model_device
 from ..progress import progress
-from ..vocab import hook_name
+from ..vocab import Positions, hook_name, normalize_positions, position_index, resolve_positions
 
 Shard = tuple[slice, Tensor]
 
@@ -83,15 +84,18 @@ def compute_resid_pre(
     batch_size: int = 32,
     show_progress: bool = True,
     system: str | None = None,
+    positions: Positions = "post_instruction",
 ) -> MemoryEntry:
-    """``resid_pre`` of every layer at the post-instruction positions, computed with ``run_with_cache``.
+    """``resid_pre`` of every layer at ``positions`` (default: the post-instruction ones), computed with
+    ``run_with_cache``.
 
     Returns:
-        A :class:`MemoryEntry`; each hook holds ``Float[Tensor, "prompt n_post d_model"]`` (float32).
+        A :class:`MemoryEntry`; each hook holds ``Float[Tensor, "prompt pos d_model"]`` (float32).
     """
     _check_prompts(prompts, "prompts")
-    positions = post_instruction_positions(model.tokenizer, system)
-    n_post = len(positions)
+    positions = candidate_positions(positions)
+    positions, _ = resolve_positions(positions, len(post_instruction_positions(model.tokenizer, system)))
+    cols = position_index(positions)
     names = [resid_pre_name(l) for l in range(int(model.cfg.n_layers))]
     wanted = set(names)
     out: dict[str, list[Tensor]] = {n: [] for n in names}
@@ -102,7 +106,7 @@ def compute_resid_pre(
         _, cache = model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask,
                                         names_filter=lambda n: n in wanted)
         for n in names:
-            out[n].append(cache[n][:, -n_post:].float().cpu())
+            out[n].append(cache[n][:, cols].float().cpu())
         del cache
     return MemoryEntry({n: torch.cat(v) for n, v in out.items()}, positions)
 
@@ -113,21 +117,35 @@ def activation_entry(
     store=None,
     batch_size: int = 32,
     show_progress: bool = True,
+    positions: Positions = "post_instruction",
 ):
-    """``resid_pre`` at the post-instruction positions of ``prompts``, from the cache store when available.
+    """``resid_pre`` at ``positions`` (default: the post-instruction ones) of ``prompts``, from the cache store
+    when available.
 
     Uses ``workbench.store.get_or_compute`` (content-addressed, reused across analyses); falls back to
     :func:`compute_resid_pre` when the store is not installed. ``store`` is passed through to the store.
     """
     _check_prompts(prompts, "prompts")
+    positions = candidate_positions(positions)
     try:
         from ..store import get_or_compute  # type: ignore[attr-defined]
     except ImportError:
         get_or_compute = None
     if get_or_compute is None:
-        return compute_resid_pre(model, prompts, batch_size=batch_size, show_progress=show_progress)
-    return get_or_compute(model, list(prompts), hooks=("resid_pre",), positions="post_instruction",
+        return compute_resid_pre(model, prompts, batch_size=batch_size, show_progress=show_progress,
+                                 positions=positions)
+    return get_or_compute(model, list(prompts), hooks=("resid_pre",), positions=positions,
                           dtype="float32", store=store, batch_size=batch_size, show_progress=show_progress)
+
+
+def candidate_positions(positions: Positions) -> str | tuple:
+    """:func:`workbench.vocab.normalize_positions`, refusing ``"all"``: a mean over left-padded positions would
+    mix padding into the candidates."""
+    p = normalize_positions(positions)
+    if p == "all":
+        raise WorkbenchError("candidate directions need positions present in every prompt, but positions='all' "
+                             "includes the left padding; use 'post_instruction', 'last' or negative offsets")
+    return p
 
 
 def _check_prompts(prompts, what: str) -> None:
@@ -254,20 +272,24 @@ def candidate_directions(
     store=None,
     batch_size: int = 32,
     show_progress: bool = True,
+    positions: Positions = "post_instruction",
 ) -> Candidates:
-    """Difference-in-means candidates of ``model`` at every layer and post-instruction position.
+    """Difference-in-means candidates of ``model`` at every layer and each of ``positions``.
 
     Args:
         harmful, benign: prompt lists (train split).
         store: passed to the cache store (``None``: its default location).
+        positions: :data:`workbench.vocab.Positions` present in every prompt (default: the post-instruction ones).
 
     Returns:
-        :class:`Candidates` with ``directions`` of shape ``Float64[Tensor, "n_layers n_post d_model"]``.
+        :class:`Candidates` with ``directions`` of shape ``Float64[Tensor, "n_layers pos d_model"]``.
     """
     _check_prompts(harmful, "the harmful prompt set")
     _check_prompts(benign, "the harmless prompt set")
-    h = activation_entry(model, harmful, store=store, batch_size=batch_size, show_progress=show_progress)
-    b = activation_entry(model, benign, store=store, batch_size=batch_size, show_progress=show_progress)
+    positions = candidate_positions(positions)
+    kw = {"store": store, "batch_size": batch_size, "show_progress": show_progress, "positions": positions}
+    h = activation_entry(model, harmful, **kw)
+    b = activation_entry(model, benign, **kw)
     names = [resid_pre_name(l) for l in range(int(model.cfg.n_layers))]
     cands = diff_in_means(h, b, names)
     cands.meta["d_model"] = int(model.cfg.d_model)

@@ -8,7 +8,7 @@ and on cached decoding steps (sequence length 1).
   ``hook_resid_pre``, ``hook_attn_out`` and ``hook_mlp_out``, every position: the residual stream then has
   no component along ``r`` anywhere.
 * :func:`actadd_hooks` -- activation addition ``x <- x + c * v`` at ``hook_resid_pre`` of a set of layers,
-  at all positions or only the last one.
+  at all positions, only the last one, or any :data:`workbench.vocab.Positions`.
 * :func:`orthogonalize` -- the same ablation baked into the weights: ``r`` is projected out of every matrix
   that writes to the residual stream (token and position embeddings, attention output and MLP output
   projections and their biases). The edited model equals the ablation hooks up to float error.
@@ -22,8 +22,9 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from ..chat import post_instruction_positions
 from ..errors import WorkbenchError
-from ..vocab import hook_name
+from ..vocab import Positions, hook_name, normalize_positions, position_index
 
 Hook = tuple[str, Callable]
 #: the sites directional ablation edits: every write into the residual stream, and the stream itself
@@ -132,7 +133,7 @@ def actadd_hooks(
     vector,
     layers: int | Sequence[int],
     coefficient: float = 1.0,
-    positions: str = "all",
+    positions: Positions = "all",
     normalize: bool = False,
 ) -> list[Hook]:
     """Activation addition ``x <- x + coefficient * vector`` at ``blocks.{l}.hook_resid_pre`` for ``l`` in ``layers``.
@@ -141,8 +142,11 @@ def actadd_hooks(
         vector: a :class:`Direction` or ``Float[Tensor, "d_model"]`` (added as is, so the difference in means
             with ``coefficient=1`` adds the mean harmful-minus-benign shift, as in Arditi et al.).
         layers: one layer or a set of layers.
-        positions: ``"all"`` (every position, generated tokens included) or ``"last"`` (the last position of
-            each forward: the last prompt token at prefill, then every new token on cached decoding steps).
+        positions: :data:`workbench.vocab.Positions` of each forward: ``"all"`` (every position, generated tokens
+            included), ``"last"`` (the last prompt token at prefill, then every new token on cached decoding
+            steps), or e.g. ``"post_instruction"`` / ``("last_k", k)`` (the last positions of the prompt at prefill,
+            and on a cached decoding step its one new token; explicit offsets such as ``[-3, -1]`` need a forward
+            that long, so not cached decoding).
         normalize: add ``coefficient`` times the unit vector instead.
     """
     v = as_vector(vector, model).float()
@@ -151,16 +155,17 @@ def actadd_hooks(
     if isinstance(layers, int):
         layers = [layers]
     layers = _check_layers(model, layers)
-    if positions not in ("all", "last"):
-        raise WorkbenchError(f"positions must be 'all' or 'last', got {positions!r}")
+    spelled = normalize_positions(positions)
+    n_post = len(post_instruction_positions(model.tokenizer)) if spelled == "post_instruction" else None
+    cols = position_index(spelled, n_post)
     add = coefficient * v
 
     def hook(act: Tensor, hook=None) -> Tensor:
         a = add.to(device=act.device, dtype=act.dtype)
-        if positions == "all":
+        if cols == slice(None):
             return act + a
         act = act.clone()
-        act[:, -1] = act[:, -1] + a
+        act[:, cols] = act[:, cols] + a
         return act
 
     return [(hook_name("resid_pre", l), hook) for l in layers]

@@ -30,8 +30,9 @@ from ..errors import WorkbenchError
 from ..judge import refusal_score, refusal_token_ids
 from ..models import model_device
 from ..progress import progress
+from ..vocab import Positions
 from .artifact import Direction
-from .candidates import Candidates, _check_prompts, candidate_directions
+from .candidates import Candidates, _check_prompts, candidate_directions, candidate_positions
 from .interventions import ablation_hooks, per_row_actadd_hooks, unit
 
 
@@ -263,8 +264,13 @@ def find_refusal_direction(
     config: SelectionConfig | None = None,
     store=None,
     show_progress: bool = True,
+    positions: Positions = "post_instruction",
 ) -> Selection:
     """Candidates (difference in means on the train sets) -> scores (val sets) -> the selected :class:`Direction`.
+
+    Args:
+        positions: the candidates' positions (:data:`workbench.vocab.Positions` present in every prompt;
+            default: the post-instruction ones).
 
     Returns:
         A :class:`Selection`; ``direction.vector`` is the raw difference in means at the selected
@@ -274,8 +280,9 @@ def find_refusal_direction(
     for prompts, what in ((harmful_train, "harmful train"), (benign_train, "benign train"),
                           (harmful_val, "harmful validation"), (benign_val, "benign validation")):
         _check_prompts(prompts, f"the {what} set")
+    positions = candidate_positions(positions)
     cands = candidate_directions(model, harmful_train, benign_train, store=store, batch_size=cfg.batch_size,
-                                 show_progress=show_progress)
+                                 show_progress=show_progress, positions=positions)
     scores = score_candidates(model, cands, harmful_val, benign_val, cfg, show_progress=show_progress)
     best = select_candidate(scores, int(model.cfg.n_layers), cfg)
     layer, pos = int(best["layer"]), int(best["position"])

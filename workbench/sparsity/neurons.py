@@ -36,6 +36,7 @@ import torch
 
 from ..errors import WorkbenchError
 from ..progress import progress
+from ..vocab import Positions, normalize_positions
 from ._common import d_mlp, entry_layers, entry_mask, iter_real
 from .heldout import HeldoutText, lm_loss
 from .hooks import neuron_ablation_hooks
@@ -124,11 +125,14 @@ def differential_neurons(harmful_entry, benign_entry, layers: Sequence[int] | No
     return df
 
 
-def differential_neurons_for(model, harmful: Sequence[str], benign: Sequence[str], positions="post_instruction",
+def differential_neurons_for(model, harmful: Sequence[str], benign: Sequence[str], positions: Positions = "post_instruction",
                              layers: Sequence[int] | None = None, pool: str = "mean", store=None,
                              batch_size: int = 32, show_progress: bool = False) -> pd.DataFrame:
-    """:func:`differential_neurons` on store entries of ``mlp.hook_post`` of two prompt lists (computed once)."""
+    """:func:`differential_neurons` on store entries of ``mlp.hook_post`` of two prompt lists (computed once), at
+    ``positions`` (:data:`workbench.vocab.Positions`)."""
     from ..store import get_or_compute
+
+    positions = normalize_positions(positions)
 
     hooks = ("mlp_post",) if layers is None else ("mlp_post", list(layers))
     eh = get_or_compute(model, list(harmful), hooks=hooks, positions=positions, store=store, batch_size=batch_size,

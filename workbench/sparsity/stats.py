@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ..errors import WorkbenchError
 from ..progress import progress
+from ..vocab import position_offsets
 from ._common import check_fraction, check_thresholds, entry_layers, entry_mask, iter_real, stream_layers
 
 #: The threshold the one-number summaries use (``|a| <= 0.01`` is inactive).
@@ -138,13 +139,6 @@ def _check_counted(hook: str, n_tokens: int) -> None:
         raise WorkbenchError(f"{hook}: the entry has no real (unpadded) position to count")
 
 
-def _positions(entry, n_pos: int) -> list[int]:
-    pos = getattr(entry, "positions", "all")
-    if pos == "all" or pos is None:
-        return list(range(-n_pos, 0))
-    return list(pos)
-
-
 def activation_ratio(entry, threshold: float = DEFAULT_THRESHOLD, layers: Sequence[int] | None = None,
                      per_token: bool = False, show_progress: bool = False) -> pd.DataFrame:
     """Activation ratio per token: the fraction of a token's MLP channels with ``|a| > threshold``.
@@ -167,7 +161,7 @@ def activation_ratio(entry, threshold: float = DEFAULT_THRESHOLD, layers: Sequen
             d = x.shape[-1]
             active = (x.abs() > t).sum(-1)  # [rows, pos]
             if per_token:
-                pos = _positions(entry, x.shape[1])
+                pos = position_offsets(getattr(entry, "positions", None), x.shape[1])
                 r, p = real.nonzero(as_tuple=True)
                 for ri, pi, v in zip((r + rows_slice.start).tolist(), p.tolist(), active[real].tolist()):
                     rows.append({"layer": layer, "prompt": ri, "position": pos[pi], "activation_ratio": v / d})

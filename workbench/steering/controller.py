@@ -24,6 +24,8 @@ from ..errors import WorkbenchError
 from ..provenance import versions
 
 FORMAT_VERSION = 1
+#: pooling -> the :data:`workbench.vocab.Positions` the controller's input is averaged over
+POOLING_POSITIONS: dict[str, str] = {"last": "last", "post_instruction_mean": "post_instruction"}
 
 
 @dataclass
@@ -35,7 +37,8 @@ class ControllerConfig:
         n_layers: number of steered layers (every block of the model, ``L``).
         input_layers: layers whose ``input_hook`` activations are read (default: the last 4).
         input_hook: hook alias read at the input layers (``resid_pre`` / ``resid_post``).
-        pooling: ``"last"`` (the last prompt token) or ``"post_instruction_mean"``.
+        pooling: ``"last"`` (the last prompt token) or ``"post_instruction_mean"`` (the mean over the
+            post-instruction tokens); :data:`POOLING_POSITIONS` maps each to its positions.
         hidden: hidden width of the MLP.
         scale_head: ``"mlp"`` (the paper: ``s`` from the MLP's hidden layer) or ``"linear"`` (the scale logit is
             a linear read-out of the standardised inputs, a probe; ``w`` still comes from the MLP). A linear
@@ -70,8 +73,8 @@ class ControllerConfig:
             bad = [l for l in self.steer_layers if not 0 <= l < self.n_layers]
             if bad:
                 raise WorkbenchError(f"steer_layers {bad} out of range for a model of {self.n_layers} layers")
-        if self.pooling not in ("last", "post_instruction_mean"):
-            raise WorkbenchError(f"unknown pooling {self.pooling!r}; expected 'last' or 'post_instruction_mean'")
+        if self.pooling not in POOLING_POSITIONS:
+            raise WorkbenchError(f"unknown pooling {self.pooling!r}; expected one of {sorted(POOLING_POSITIONS)}")
         if self.scale_head not in ("mlp", "linear"):
             raise WorkbenchError(f"unknown scale_head {self.scale_head!r}; expected 'mlp' or 'linear'")
         if self.scale_activation not in ("softplus", "sigmoid", "identity"):

@@ -1,8 +1,8 @@
 """Steering hooks: ``Δh_l = c_{b,l} · d`` added to the residual stream at the last position.
 
-The hook always edits position ``-1``: during the prefill (left-padded) that is the last prompt token, and
-on every cached decoding step (sequence length 1) it is the newly generated token, so one hook covers the
-last prompt position and every generated token, as Weighted Activation Steering prescribes.
+By default the hook edits position ``-1`` (``positions="last"``): during the prefill (left-padded) that is the
+last prompt token, and on every cached decoding step (sequence length 1) it is the newly generated token, so
+one hook covers the last prompt position and every generated token, as Weighted Activation Steering prescribes.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Callable
 from torch import Tensor
 
 from ..errors import WorkbenchError
+from ..vocab import Positions, position_index
 from ..vocab import hook_name as vocab_hook_name
 
 #: the residual-stream sites a steering vector may be added at
@@ -26,7 +27,8 @@ def hook_name(alias: str, layer: int) -> str:
 
 
 def steering_hooks(
-    coeffs: Tensor, direction: Tensor, hook: str = "resid_pre", start: int = -1,
+    coeffs: Tensor, direction: Tensor, hook: str = "resid_pre", positions: Positions = "last", *,
+    start: int | None = None,
 ) -> list[tuple[str, Callable]]:
     """Hooks adding ``coeffs[b, l] * direction`` to layer ``l``'s residual stream of row ``b``.
 
@@ -34,13 +36,18 @@ def steering_hooks(
         coeffs: ``Float[Tensor, "batch n_layers"]`` (``s · w_l · α`` per row and layer; differentiable);
             a single row broadcasts over any batch.
         direction: ``Float[Tensor, "d_model"]``, used as given (pass a unit vector).
-        start: the positions edited are ``start:``. The default ``-1`` is the last position (the last prompt
-            token in the prefill, the new token in each cached step); ``start`` = index of the last prompt
-            token steers a teacher-forced forward over prompt + reply exactly as generation is; ``0`` edits
-            every position (ActAdd-style).
+        positions: the positions edited (:data:`workbench.vocab.Positions`, counted from the end of each
+            forward). The default ``"last"`` is the last prompt token in the prefill and the new token in each
+            cached step; ``("last_k", n_reply + 1)`` steers a teacher-forced forward over prompt + reply exactly as
+            generation is; ``"all"`` edits every position (ActAdd-style).
+        start: the old spelling, an absolute index: the positions edited are ``start:`` (``-1`` = ``"last"``,
+            ``0`` = ``"all"``); overrides ``positions`` when given.
     """
     if coeffs.ndim != 2:
         raise WorkbenchError(f"coeffs must be [batch, n_layers], got shape {tuple(coeffs.shape)}")
+    if start is not None and (isinstance(start, bool) or not isinstance(start, int)):
+        raise WorkbenchError(f"start must be an int (the first position edited), got {start!r}")
+    cols = slice(start, None) if start is not None else position_index(positions)
 
     def make(layer: int) -> Callable:
         def fn(act: Tensor, hook=None) -> Tensor:
@@ -51,7 +58,7 @@ def steering_hooks(
                 raise WorkbenchError(f"steering coeffs for {c.shape[0]} rows applied to a batch of {act.shape[0]}")
             d = direction.to(device=act.device, dtype=act.dtype)
             out = act.clone()
-            out[:, start:] = out[:, start:] + c[:, None, None] * d
+            out[:, cols] = out[:, cols] + c[:, None, None] * d
             return out
 
         return fn

@@ -17,7 +17,8 @@ from torch import Tensor
 from ..chat import ChatBatch
 from ..errors import WorkbenchError
 from ..models import model_device
-from .controller import Controller
+from ..vocab import Positions, position_index
+from .controller import POOLING_POSITIONS, Controller
 from .hooks import hook_name, steering_hooks
 
 
@@ -31,8 +32,12 @@ def controller_inputs(
     """Clean activations the controller reads: ``Float[Tensor, "batch n_input_layers d_model"]``.
 
     Runs the prompt only up to the deepest input layer. ``pooling="last"`` takes the last prompt token,
-    ``"post_instruction_mean"`` the mean over the ``batch.n_post`` post-instruction tokens.
+    ``"post_instruction_mean"`` the mean over the ``batch.n_post`` post-instruction tokens
+    (:data:`~workbench.steering.controller.POOLING_POSITIONS`).
     """
+    if pooling not in POOLING_POSITIONS:
+        raise WorkbenchError(f"unknown pooling {pooling!r}; expected one of {sorted(POOLING_POSITIONS)}")
+    cols = position_index(POOLING_POSITIONS[pooling], batch.n_post)
     n = int(model.cfg.n_layers)
     bad = [l for l in input_layers if not 0 <= l < n]
     if bad:
@@ -42,7 +47,7 @@ def controller_inputs(
 
     def make(layer: int) -> Callable:
         def fn(act: Tensor, hook=None):
-            grabbed[layer] = act[:, -1] if pooling == "last" else act[:, -batch.n_post:].mean(1)
+            grabbed[layer] = act[:, cols].mean(1)
             if layer == deepest:
                 raise _StopForward
             return act
@@ -72,11 +77,11 @@ class SteeringPlan:
     coeffs: Callable[[object, ChatBatch], tuple[Tensor, dict]]
     hook: str = "resid_pre"
 
-    def hooks_for(self, model, batch: ChatBatch, start: int = -1):
-        """Hooks for ``batch`` (and per-row info); ``start``: the positions steered, ``start:`` (see
-        :func:`~workbench.steering.hooks.steering_hooks`)."""
+    def hooks_for(self, model, batch: ChatBatch, positions: Positions = "last", *, start: int | None = None):
+        """Hooks for ``batch`` (and per-row info); ``positions`` (or the old ``start``): the positions steered
+        (see :func:`~workbench.steering.hooks.steering_hooks`)."""
         coeffs, info = self.coeffs(model, batch)
-        return steering_hooks(coeffs, self.direction, self.hook, start=start), info
+        return steering_hooks(coeffs, self.direction, self.hook, positions, start=start), info
 
 
 def controller_plan(controller: Controller, direction: Tensor, name: str = "was") -> SteeringPlan:

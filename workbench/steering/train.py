@@ -173,8 +173,9 @@ def train_e2e(model, direction: Tensor, data: TrainingSet, cfg: ControllerConfig
         # for every prompt it would be n_benign x (reply + 1) x d_vocab floats (GBs for a 128k vocabulary)
         with torch.no_grad():
             ref = torch.log_softmax(model(ids[ben], attention_mask=mask[ben])[:, n_prompt - 1:].float(), -1)
+        # teacher-forced: the last prompt token and every reply token, as in steered generation
         hooks = steering_hooks(coeffs, direction.to(device), cfg.steer_hook,
-                               start=n_prompt - 1 if cont is not None else -1)
+                               ("last_k", c.shape[1] + 1) if cont is not None else "last")
         with model.hooks(fwd_hooks=hooks):
             logp = torch.log_softmax(model(ids, attention_mask=mask)[:, n_prompt - 1:].float(), -1)
         score = refusal_score(logp[:, 0], ref_ids)

@@ -21,9 +21,10 @@ Hook names
     forward order (layer, then position inside the block), without duplicates.
 
 Positions (relative to the end of each row; prompts are left-padded so they line up)
-    ``"last"`` -> ``[-1]``; ``"post_instruction"`` -> the last ``n_post`` positions (``[-5, ..., -1]`` for
-    Llama-3); ``("last_k", k)`` or ``"last_k(k)"`` -> ``[-k, ..., -1]``; a list of negative ints; ``"all"``
-    -> every position, padded on the left to the longest prompt, with a mask.
+    :data:`workbench.vocab.Positions`, resolved by :func:`workbench.vocab.resolve_positions`: ``"last"`` ->
+    ``[-1]``; ``"post_instruction"`` (or ``"post"``) -> the last ``n_post`` positions (``[-5, ..., -1]`` for
+    Llama-3); ``("last_k", k)`` or ``"last_k(k)"`` -> ``[-k, ..., -1]``; a negative int or a list of negative ints;
+    ``"all"`` -> every position, padded on the left to the longest prompt, with a mask.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import WorkbenchError
-from ..vocab import SITES
+from ..vocab import SITES, Positions, resolve_positions
 
 #: alias -> TransformerLens name template, in forward order inside a block (:data:`workbench.vocab.SITES`
 #: without the per-head ``z``, which the store does not cache).
@@ -43,9 +44,8 @@ _SUFFIX_TO_ALIAS = {tpl.split("{layer}.", 1)[1]: alias for alias, tpl in ALIASES
 _ALIAS_RANK = {alias: i for i, alias in enumerate(ALIASES)}
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _ALIAS_LAYER_RE = re.compile(r"^([a-z_]+)\.(-?\d+)$")
-_LAST_K_RE = re.compile(r"^last_k\s*[\(\[:=]\s*(\d+)\s*\)?\]?$")
 
-PositionSpec = str | int | Sequence
+PositionSpec = Positions
 
 
 def _n_layers(model) -> int:
@@ -188,56 +188,8 @@ def alias_names(names: Sequence[str], alias: str) -> list[tuple[int, str]]:
     return sorted(out)
 
 
-def canonical_positions(positions: PositionSpec, n_post: int) -> tuple[list[int] | str, str]:
-    """Resolve a position spec to ``(positions, label)``: a sorted list of negative offsets from the end
-    (or ``"all"``) and a short label for listings.
-
-    Raises:
-        WorkbenchError: an unknown selector, ``k < 1``, or a non-negative explicit offset.
-    """
-    if isinstance(positions, str):
-        s = positions.strip().lower()
-        if s == "all":
-            return "all", "all"
-        if s == "last":
-            return [-1], "last"
-        if s in ("post_instruction", "post-instruction", "post_inst"):
-            return list(range(-n_post, 0)), "post_instruction"
-        m = _LAST_K_RE.match(s)
-        if m:
-            return _last_k(int(m.group(1)), positions)
-        raise WorkbenchError(
-            f"unknown positions {positions!r}; expected 'last', 'post_instruction', 'last_k(k)', ('last_k', k), "
-            "'all' or a list of negative offsets like [-3, -1]"
-        )
-    if isinstance(positions, int) and not isinstance(positions, bool):
-        positions = [positions]
-    if isinstance(positions, (tuple, list)) and len(positions) == 2 and positions[0] == "last_k":
-        k = positions[1]
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise WorkbenchError(f"positions {positions!r}: k must be an int, got {k!r}")
-        return _last_k(k, positions)
-    if isinstance(positions, (tuple, list, range)) and len(positions) > 0 and all(
-        isinstance(p, int) and not isinstance(p, bool) for p in positions
-    ):
-        bad = [p for p in positions if p >= 0]
-        if bad:
-            raise WorkbenchError(
-                f"positions {list(positions)!r}: offsets count from the end of the (left-padded) prompt and must be "
-                f"negative (-1 is the last token); got {bad}"
-            )
-        pos = sorted(set(int(p) for p in positions))
-        return pos, "[" + ",".join(map(str, pos)) + "]"
-    raise WorkbenchError(
-        f"unknown positions {positions!r}; expected 'last', 'post_instruction', 'last_k(k)', ('last_k', k), 'all' "
-        "or a list of negative offsets"
-    )
-
-
-def _last_k(k: int, spec) -> tuple[list[int], str]:
-    if k < 1:
-        raise WorkbenchError(f"positions {spec!r}: k must be >= 1, got {k}")
-    return list(range(-k, 0)), f"last_k({k})"
+#: the store's name for :func:`workbench.vocab.resolve_positions`: ``(positions, n_post) -> (offsets or "all", label)``
+canonical_positions = resolve_positions
 
 
 def check_positions(positions: list[int] | str, lengths: torch.Tensor, prompts: Sequence[str], spec) -> None:
