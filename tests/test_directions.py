@@ -442,7 +442,7 @@ def test_cli_directions_on_a_tiny_organism(tmp_path, tiny_dir, monkeypatch, caps
     assert set(res["refusal_rate"]) == {"harmful_ablated", "benign_actadd", "harmful_base", "benign_base"}
     assert all(0.0 <= v <= 1.0 for v in res["refusal_rate"].values())
     assert "cos_ground_truth" not in res  # no ground truth next to a random model
-    assert res["kl_harmless_ablated"] >= 0 and not math.isnan(res["kl_harmless_ablated"])
+    assert res["kl_benign_ablated"] >= 0 and not math.isnan(res["kl_benign_ablated"])
     d = wd.Direction.load(out / "direction")
     assert (d.layer, d.position) == (res["selected"]["layer"], res["selected"]["position"])
     assert len(pd.read_csv(out / "candidate_scores.csv")) == 2 * 5

@@ -7,6 +7,7 @@ import pytest
 from workbench.errors import WorkbenchError
 from workbench.models import organism_dir
 from workbench.pipeline import RunConfig, run_main_job
+from workbench.stages import PatchingConfig, SteeringConfig
 from workbench.report import publish_run
 
 pytestmark = pytest.mark.skipif(not (organism_dir() / "model" / "config.json").exists(),
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.skipif(not (organism_dir() / "model" / "config.json").e
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
-    cfg = RunConfig(out_dir=str(root / "out"), store=str(root / "store"), limit=8, n_pairs=4, e2e_steps=10,
+    cfg = RunConfig(out_dir=str(root / "out"), store=str(root / "store"), limit=8, patching=PatchingConfig(n_pairs=4), steering=SteeringConfig(e2e_steps=10),
                     show_progress=False)
     return root, run_main_job(cfg)
 
@@ -48,7 +49,7 @@ def test_main_job_quick_run_writes_everything(quick_run):
 def test_second_run_reuses_the_store(quick_run):
     root, _ = quick_run
     store_files = sorted(p for p in (root / "store").rglob("*") if p.is_file())
-    cfg = RunConfig(out_dir=str(root / "again"), store=str(root / "store"), limit=8, n_pairs=4,
+    cfg = RunConfig(out_dir=str(root / "again"), store=str(root / "store"), limit=8, patching=PatchingConfig(n_pairs=4),
                     stages=("directions",), figures=False, show_progress=False)
     again = run_main_job(cfg)
     assert sorted(p for p in (root / "store").rglob("*") if p.is_file()) == store_files  # nothing recomputed
@@ -72,7 +73,7 @@ def test_publish_run_flat_layout(quick_run, tmp_path):
 @pytest.mark.slow
 def test_second_run_into_the_same_dir_reuses_finished_stages(quick_run):
     root, first = quick_run
-    cfg = RunConfig(out_dir=str(root / "out"), store=str(root / "store"), limit=8, n_pairs=4, e2e_steps=10,
+    cfg = RunConfig(out_dir=str(root / "out"), store=str(root / "store"), limit=8, patching=PatchingConfig(n_pairs=4), steering=SteeringConfig(e2e_steps=10),
                     show_progress=False)
     again = run_main_job(cfg)
     assert again["reused"] == ["evaluate", "directions", "patching", "sparsity", "steering"]
@@ -81,10 +82,10 @@ def test_second_run_into_the_same_dir_reuses_finished_stages(quick_run):
     assert "Reused from the previous run" in (root / "out" / "report.md").read_text()
     assert len(list((root / "out" / "figures").glob("*.png"))) >= 10
     # another configuration, or force, recomputes
-    forced = run_main_job(RunConfig(out_dir=str(root / "out"), store=str(root / "store"), limit=8, n_pairs=4,
+    forced = run_main_job(RunConfig(out_dir=str(root / "out"), store=str(root / "store"), limit=8, patching=PatchingConfig(n_pairs=4),
                                     stages=("evaluate",), force=True, show_progress=False))
     assert forced["reused"] == []
-    other = run_main_job(RunConfig(out_dir=str(root / "out"), store=str(root / "store"), limit=6, n_pairs=4,
+    other = run_main_job(RunConfig(out_dir=str(root / "out"), store=str(root / "store"), limit=6, patching=PatchingConfig(n_pairs=4),
                                    stages=("evaluate",), show_progress=False))
     assert other["reused"] == [] and other["evaluate"]["n"]["harmful"] == 6
 

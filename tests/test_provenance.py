@@ -130,13 +130,17 @@ def test_store_key_ignores_the_git_commit(tiny_model, monkeypatch):
 # ------------------------------------------------------------------------------------------------- pipeline
 def test_stage_key_follows_runtime_versions_not_the_commit(monkeypatch):
     cfg = pipeline.RunConfig()
-    key = pipeline._stage_key(cfg, "evaluate", "fp", "code")
+
+    def key_of():
+        return pipeline.stage_key("evaluate", cfg.evaluate, "fp", "data", {}, "code")
+
+    key = key_of()
     import workbench.provenance as provenance
 
     monkeypatch.setattr(provenance, "versions", lambda: {**_installed(), "git_commit": "0" * 40})
-    assert pipeline._stage_key(cfg, "evaluate", "fp", "code") == key
+    assert key_of() == key
     monkeypatch.setattr(pipeline, "runtime_versions", _upgraded)
-    assert pipeline._stage_key(cfg, "evaluate", "fp", "code") != key
+    assert key_of() != key
 
 
 @pytest.fixture
@@ -148,17 +152,20 @@ def fake_job(monkeypatch):
     monkeypatch.setattr(models, "fingerprint", lambda m: "fp")
     calls = []
 
-    def patching(st):
-        calls.append("patching")
-        warn_fallback(logging.getLogger("workbench.test"), "patching_engine", "hooks engine used (%s)", "test")
-        return {"ok": 1}
+    from workbench.stages import Result, Stage
 
-    def sparsity(st):
-        calls.append("sparsity")
-        return {"ok": 2}
+    class Fake(Stage):
+        def __init__(self, name, value, fallback):
+            self.name, self.value, self.fallback = name, value, fallback
 
-    monkeypatch.setitem(pipeline._STAGE_FUNCS, "patching", patching)
-    monkeypatch.setitem(pipeline._STAGE_FUNCS, "sparsity", sparsity)
+        def run(self, model, data, store, config, inputs, show_progress=True):
+            calls.append(self.name)
+            if self.fallback:
+                warn_fallback(logging.getLogger("workbench.test"), "patching_engine", "hooks engine used (%s)", "test")
+            return Result({"ok": self.value})
+
+    monkeypatch.setitem(pipeline.STAGE_REGISTRY, "patching", Fake("patching", 1, True))
+    monkeypatch.setitem(pipeline.STAGE_REGISTRY, "sparsity", Fake("sparsity", 2, False))
     return calls
 
 

@@ -574,12 +574,12 @@ def test_cli_sparsity_json(tiny_dir, tmp_path, monkeypatch, capsys):
 
     _fake_organism(tmp_path / "org", tiny_dir)
     monkeypatch.setenv("WORKBENCH_ORGANISM", str(tmp_path / "org"))
-    rc = main(["sparsity", "--json", "--quiet", "--device", "cpu", "--limit", "3", "--ns", "1,2", "--seeds", "1",
+    rc = main(["sparsity", "--json", "--quiet", "--device", "cpu", "--limit", "3", "--ablation-ns", "1,2", "--n-seeds", "1",
                "--topk", "1.0,0.1", "--max-new-tokens", "2", "--out", str(tmp_path / "run")])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     sp = out["sparsity_at_default_threshold"]
-    assert set(sp) == {"harmful", "harmless", "jailbreak"} and all(0 <= v <= 1 for v in sp["harmful"].values())
+    assert set(sp) == {"harmful", "benign", "jailbreak"} and all(0 <= v <= 1 for v in sp["harmful"].values())
     assert set(out["ppl"]["p1"]) == {"overall", "layer 0", "layer 1"}
     assert "n_halving" in out["differential_neurons"]["halving"]
     assert "diff_in_means" in out["direction"]

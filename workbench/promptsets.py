@@ -10,8 +10,8 @@ Every stage takes a ``PromptSets``; no stage reads the organism's files by itsel
 
 Rows without a split are split deterministically and disjointly: inside each category the prompts are ordered by
 ``sha256(seed, prompt)`` and cut at the ``fractions`` (default 60/20/20), so a prompt's split does not depend on the
-file's row order or on the other rows. A prompt may appear in one split only (a leak between train and test is an
-error). On the command line ``--data`` takes ``organism`` or a path (:func:`load_data`).
+file's row order or on the other rows. A prompt found in more than one split is logged as a warning and counted
+in :meth:`PromptSets.describe` (``overlap``), which every summary records. On the command line ``--data`` takes ``organism`` or a path (:func:`load_data`).
 
 Category names are those of :mod:`workbench.vocab` (``harmful``, ``jailbreak``, ``benign``, ``borderline``); a file
 may add its own categories, which stages that do not know them leave alone (``workbench evaluate`` reports them).
@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import WorkbenchError
+from .vocab import CATEGORIES, SPLITS
 
-SPLITS = ("train", "val", "test")
+log = logging.getLogger(__name__)
+
 DEFAULT_FRACTIONS = (0.6, 0.2, 0.2)
 
 
@@ -65,12 +68,14 @@ class PromptSets:
     pairs: tuple[tuple[str, str], ...] = ()
     auxiliary: tuple[str, ...] = ()
     _index: dict = field(default=None, init=False, repr=False, compare=False)
+    _overlap: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if not self.rows:
             raise WorkbenchError(f"the prompt data from {self.source} has no prompts")
         index: dict[str, dict[str, list[str]]] = {s: {} for s in SPLITS}
         seen: dict[str, str] = {}
+        overlap = set()
         for r in self.rows:
             if r.split not in SPLITS:
                 raise WorkbenchError(f"{self.source}: unknown split {r.split!r} for prompt {r.prompt[:60]!r}; "
@@ -79,12 +84,14 @@ class PromptSets:
                 raise WorkbenchError(f"{self.source}: empty prompt in category {r.category!r}")
             if not isinstance(r.category, str) or not r.category:
                 raise WorkbenchError(f"{self.source}: prompt {r.prompt[:60]!r} has no category")
-            other = seen.setdefault(r.prompt, r.split)
-            if other != r.split:
-                raise WorkbenchError(f"{self.source}: the prompt {r.prompt[:60]!r} is in both the {other} and the "
-                                     f"{r.split} split; splits must be disjoint")
+            if seen.setdefault(r.prompt, r.split) != r.split:
+                overlap.add(r.prompt)
             index[r.split].setdefault(r.category, []).append(r.prompt)
         object.__setattr__(self, "_index", index)
+        object.__setattr__(self, "_overlap", len(overlap))
+        if overlap:
+            log.warning("%s: %d prompt(s) appear in more than one split (e.g. %r): results on val/test are not "
+                        "held out for them", self.source, len(overlap), next(iter(overlap))[:60])
 
     # ---- construction -------------------------------------------------------------------------------------
 
@@ -161,8 +168,6 @@ class PromptSets:
     def categories(self) -> list[str]:
         """Every category but the :attr:`auxiliary` ones, the standard ones (:data:`workbench.vocab.CATEGORIES`)
         first."""
-        from .data import CATEGORIES
-
         present = [c for c in dict.fromkeys(r.category for r in self.rows) if c not in self.auxiliary]
         return [c for c in CATEGORIES if c in present] + [c for c in present if c not in CATEGORIES]
 
@@ -217,9 +222,11 @@ class PromptSets:
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def describe(self) -> dict:
-        """JSON-able ``{"source", "hash", "n": {split: {category: count}}, "pairs"}`` for summaries."""
+        """JSON-able ``{"source", "hash", "n": {split: {category: count}}, "pairs", "overlap"}`` for summaries
+        (``overlap``: prompts found in more than one split)."""
         n = {s: {c: len(v) for c, v in self._index[s].items()} for s in SPLITS}
-        return {"source": self.source, "hash": self.hash[:16], "n": n, "pairs": len(self.pairs)}
+        return {"source": self.source, "hash": self.hash[:16], "n": n, "pairs": len(self.pairs),
+                "overlap": self._overlap}
 
 
 def assign_splits(rows: Sequence[tuple], seed: int = 0,

@@ -61,7 +61,7 @@ class EvaluateStage(Stage):
             plan=None, fwd_hooks=()) -> EvaluateResult:
         """Evaluate ``config.categories`` of ``config.split`` (under torchrun the prompts are sharded over the
         ranks). ``plan`` / ``fwd_hooks``: an optional steering plan or hooks applied while generating."""
-        from ..parallel import evaluate_distributed
+        from ..evaluate import evaluate_distributed
 
         sets = data.split(config.split, config.categories)
         if not sets:

@@ -20,8 +20,8 @@ DEFAULT_COMPONENTS = ("resid_pre", "attn_out", "mlp_out", "heads")
 class PatchingConfig:
     """Which pairs and components are patched."""
 
-    #: number of prompt pairs
-    n_pairs: int = 16
+    #: number of prompt pairs (0 or none: all)
+    n_pairs: int | None = 16
     #: components swept (resid_pre, attn_out, mlp_out, heads, z, ...)
     components: tuple[str, ...] = DEFAULT_COMPONENTS
     #: the patching metric

@@ -11,24 +11,30 @@ def _positions(text: str):
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        from .errors import WorkbenchError
+        from ..errors import WorkbenchError
 
         raise WorkbenchError(f"--positions must be all, post, last or comma-separated ints, got {text!r}") from None
 
 
 def cmd_patch(a: argparse.Namespace) -> dict:
-    from .models import load_model
-    from .patching import make_pairs, prepare, read_pairs, run_patching
-    from .patching.pairs import organism_pairs
+    import dataclasses
 
+    from ..models import load_model
+    from ..patching import make_pairs, prepare, read_pairs, run_patching
+    from ..promptsets import load_data
+    from ..stages import PatchingConfig
+    from ..stages.patching import prompt_pairs
+    from .options import config_from_args
+
+    cfg = config_from_args(PatchingConfig, a)
     model = load_model(a.model, device=a.device, dtype=a.dtype)
-    limit = a.n_pairs or None
+    limit = cfg.n_pairs or None
     if a.pairs:
         clean, corrupted = read_pairs(a.pairs)
         pairs = make_pairs(model.tokenizer, clean, corrupted, drop_unequal=True, limit=limit)
-    else:
-        pairs = organism_pairs(model.tokenizer, limit=limit, drop_unequal=True)
-    from .patching.run import organism_ground_truth
+    else:   # the data's minimal pairs, else its harmful and benign prompts matched by token length
+        pairs = prompt_pairs(model, load_data(a.data), dataclasses.replace(cfg, n_pairs=limit))
+    from ..patching.run import organism_ground_truth
 
     direction, source, planted = None, None, None
     truth = organism_ground_truth(model)
@@ -36,13 +42,13 @@ def cmd_patch(a: argparse.Namespace) -> dict:
         planted, direction = truth
         source = "the organism's planted direction u (ground_truth.safetensors)"
     if a.direction:
-        from .directions import Direction
+        from ..directions import Direction
 
         direction = Direction.load(a.direction, model=model)
         source = f"Direction {a.direction}"
-    components = [c.strip() for c in a.components.split(",") if c.strip()]
+    components = list(cfg.components)
     store = None if a.no_store else (a.store or True)
-    runs = prepare(model, pairs, a.metric, components, store=store, show_progress=not a.quiet)
+    runs = prepare(model, pairs, cfg.metric, components, store=store, show_progress=not a.quiet)
     report = run_patching(
         model, runs, components=components, mode=a.mode, attribution=not a.no_attribution,
         direction=direction, direction_layer=a.layer, positions=_positions(a.positions), readers=a.readers,
@@ -60,7 +66,7 @@ def cmd_patch(a: argparse.Namespace) -> dict:
 def cmd_bench_patch(a: argparse.Namespace) -> dict:
     import torch
 
-    from .bench.patch import bench_patch
+    from ..bench.patch import bench_patch
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -71,18 +77,19 @@ def cmd_bench_patch(a: argparse.Namespace) -> dict:
 
 
 def register(sub, bench_sub) -> None:
-    from .cli import add_common_args
-    from .patching import ENGINES, METRICS, MODES, READERS
+    from ..patching import ENGINES, MODES, READERS
+    from ..stages import PatchingConfig
+    from . import add_common_args
+    from .options import add_config_options
 
     p = sub.add_parser("patch", help="activation patching of refusal: exact sweeps, attribution, subspace + illusion check")
     add_common_args(p)
-    p.add_argument("--pairs", default=None, help="JSONL of {\"clean\": harmful, \"corrupted\": harmless} (default: "
-                   "the organism's workbench/organism/data/pairs.jsonl); pairs of unequal token length are dropped")
-    p.add_argument("--n-pairs", type=int, default=16, help="use the first N pairs (0: all)")
-    p.add_argument("--components", default="resid_pre,attn_out,mlp_out,heads",
-                   help="comma-separated: resid_pre, attn_out, mlp_out, heads (layer x head), heads_pos")
+    p.add_argument("--pairs", default=None, help="JSONL of {\"clean\": harmful, \"corrupted\": benign} (default: the "
+                   "minimal pairs of --data); pairs of unequal token length are dropped")
+    p.add_argument("--data", default="organism", help="prompt data whose pairs are patched (default: the organism); "
+                   "without minimal pairs its harmful and benign prompts are matched by token length")
+    add_config_options(p, PatchingConfig)   # --n-pairs (0: all), --components, --metric, --pair-split
     p.add_argument("--mode", choices=MODES, default="denoise", help="denoise: clean into corrupted; noise: the reverse")
-    p.add_argument("--metric", choices=METRICS, default="refusal_score")
     p.add_argument("--engine", choices=ENGINES, default="auto")
     p.add_argument("--no-attribution", action="store_true", help="skip attribution patching")
     p.add_argument("--direction", default=None, help="a saved Direction (workbench.directions) for subspace patching; "

@@ -7,7 +7,7 @@ import json
 import re
 import sys
 
-from .errors import WorkbenchError
+from ..errors import WorkbenchError
 
 
 def _root(p: argparse.ArgumentParser) -> None:
@@ -15,7 +15,7 @@ def _root(p: argparse.ArgumentParser) -> None:
 
 
 def _store(a):
-    from .store import ActivationStore
+    from ..store import ActivationStore
 
     return ActivationStore(a.root)
 
@@ -66,7 +66,7 @@ def _parse_positions(s: str):
 
 
 def _read_prompts(path: str) -> list:
-    from .data import read_jsonl
+    from ..data import read_jsonl
 
     if path.endswith(".jsonl"):
         rows = read_jsonl(path)
@@ -82,13 +82,13 @@ def _read_prompts(path: str) -> list:
 
 
 def cmd_compute(a: argparse.Namespace) -> dict:
-    from .models import load_model
-    from .store import get_or_compute
+    from ..models import load_model
+    from ..store import get_or_compute
 
     if a.prompts:
         prompts = _read_prompts(a.prompts)
     else:
-        from .data import organism_rows
+        from ..data import organism_rows
 
         rows = organism_rows(a.split)
         if a.category:
@@ -102,14 +102,14 @@ def cmd_compute(a: argparse.Namespace) -> dict:
     hooks = [h.strip() for h in a.hooks.split(",") if h.strip()]
     entry = get_or_compute(model, prompts, hooks=hooks, positions=_parse_positions(a.positions), dtype=a.cache_dtype,
                            store=_store(a), batch_size=a.batch_size, system=a.system, show_progress=not a.quiet)
-    from .store.core import summarise_hooks
+    from ..store.core import summarise_hooks
 
     return {"key": entry.key, "path": str(entry.path), "n_prompts": entry.n_prompts, "positions": entry.positions,
             "dtype": entry.dtype, "hooks": summarise_hooks(entry.hook_names), "n_hooks": len(entry.hook_names)}
 
 
 def cmd_bench(a: argparse.Namespace) -> dict:
-    from .bench.cache import run_benchmark
+    from ..bench.cache import run_benchmark
 
     return run_benchmark(n_prompts=a.n_prompts, batch_size=a.batch_size, repeats=a.repeats, rss_prompts=a.rss_prompts,
                          organism=not a.no_organism, threads=a.threads)
@@ -117,8 +117,8 @@ def cmd_bench(a: argparse.Namespace) -> dict:
 
 def register(sub, bench_sub) -> None:
     """Add ``workbench cache ...`` to ``sub`` and ``workbench bench cache`` to ``bench_sub``."""
-    from .batching import parse_batch_size
-    from .cli import add_common_args
+    from ..batching import parse_batch_size
+    from . import add_common_args
 
     p = sub.add_parser("cache", help="the shared activation cache store (ls, rm, verify, compute)")
     csub = p.add_subparsers(dest="cache_command", required=True)
@@ -170,6 +170,6 @@ def register(sub, bench_sub) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from .cli import main
+    from ..cli import main
 
     sys.exit(main(["cache", *sys.argv[1:]]))

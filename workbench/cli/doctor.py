@@ -6,13 +6,13 @@ import argparse
 
 
 def cmd_doctor(a: argparse.Namespace) -> dict:
-    from .doctor import run_doctor
+    from ..doctor import run_doctor
 
     return run_doctor(a.model, device=a.device, dtype=a.dtype)
 
 
 def register(sub, bench_sub) -> None:
-    from .cli import add_common_args
+    from . import add_common_args
 
     p = sub.add_parser("doctor", help="versions, device and self-checks of a model against independent paths "
                                       "(exit status 1 when a check fails)")

@@ -1,0 +1,56 @@
+"""``workbench run``: the main job (see :mod:`workbench.pipeline`); every option comes from
+:class:`workbench.pipeline.RunConfig` and its stage configs (``--steering.e2e-steps 300``,
+``--directions.kl-threshold 0.2`` ...), or from a saved ``config.json`` (``--config``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+
+def cmd_run(a: argparse.Namespace) -> dict:
+    from ..pipeline import RunConfig, run_main_job
+    from .options import config_from_args
+
+    base = RunConfig.load(a.config) if a.config else RunConfig()
+    cfg = config_from_args(RunConfig, a, base=base)
+    overrides = {k: v for k, v in (("model", a.model), ("device", a.device), ("dtype", a.dtype),
+                                    ("out_dir", a.out)) if v is not None}
+    cfg = dataclasses.replace(cfg, show_progress=not a.quiet, **overrides)
+    summary = run_main_job(cfg)
+    if a.publish:
+        from ..report import publish_run
+
+        publish_run(cfg.out_dir, a.publish)
+    if a.json:
+        return summary
+    brief = {"out": cfg.out_dir, "data": summary.get("data"), "seconds": summary["seconds"],
+             "reused": summary.get("reused")}
+    if "steering" in summary:
+        brief["steering"] = {m: r["refusal_rate"] for m, r in summary["steering"]["methods"].items()}
+    if "directions" in summary:
+        brief["directions"] = {k: summary["directions"].get(k) for k in ("selected", "cos_ground_truth", "refusal_rate")}
+    brief["report"] = f"{cfg.out_dir}/report.html"
+    return brief
+
+
+def register(sub, bench_sub) -> None:
+    from ..pipeline import STAGES, RunConfig
+    from .options import add_config_options
+
+    p = sub.add_parser("run", help="the main job on one model and prompt data: every analysis, figures and a report")
+    p.add_argument("--model", default=None, help="'organism' (default), a local HF directory or a hub name")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print the whole summary as JSON")
+    p.add_argument("--out", default=None, help="output directory (default: runs/latest)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="start from a saved run configuration (a run's config.json); options given override it")
+    p.add_argument("--publish", default=None, metavar="DIR",
+                   help="also copy the figures, report and small data tables to DIR (e.g. figures/)")
+    add_config_options(p, RunConfig, skip=("model", "device", "dtype", "out_dir", "show_progress") + STAGES)
+    for stage in STAGES:
+        cls = type(getattr(RunConfig(), stage))
+        add_config_options(p, cls, prefix=f"{stage}.", group=f"{stage} stage")
+    p.set_defaults(func=cmd_run)
