@@ -286,3 +286,30 @@ def test_position_index_selects_the_same_columns_as_the_offsets():
     assert position_index("last") == slice(-1, None)  # a slice: also fits a cached decoding step of length 1
     assert torch.equal(x[:1][position_index(("last_k", 4))], x[:1])
     assert position_index([-4, -2]) == [-4, -2]
+
+
+def test_as_vector_is_the_one_direction_coercion(tiny_model):
+    """Direction / tensor / per-layer set -> one vector (of a layer, unit on request); the interventions, the
+    sparsity analyses and steering take their vectors from it, with the same errors."""
+    from workbench.directions import Direction, interventions
+    from workbench.directions.artifact import as_vector, unit
+    from workbench.sparsity.direction import direction_vector
+
+    d = int(tiny_model.cfg.d_model)
+    stack = torch.randn(3, d)
+    per_layer = Direction.from_vector(tiny_model, stack, None, -1, "pca", meta={"layers": [0, 1, 2]})
+    assert torch.equal(as_vector(per_layer, tiny_model, layer=1), stack[1])
+    assert torch.equal(as_vector(stack, layer=2), stack[2]) and torch.equal(as_vector(stack[:1]), stack[0])
+    u = as_vector(per_layer, layer=0, normalize=True)
+    assert u.dtype == torch.float32 and torch.allclose(u, stack[0] / stack[0].norm())
+    assert torch.equal(per_layer.unit, unit(stack)) and interventions.as_vector is as_vector
+    assert torch.equal(direction_vector(per_layer, layer=1), stack[1].double())
+    for bad, kw, msg in ((per_layer, {}, r"holds 3 vectors .*shape \(d_model,\)"), (torch.ones(2, 2, 2), {}, "shape"),
+                         (torch.zeros(d), {"nonzero": True}, "zero vector"),
+                         (torch.zeros(d), {"normalize": True}, "zero direction"),
+                         (torch.ones(5), {"d_model": d}, f"d_model=5 but the model has d_model={d}"),
+                         (torch.ones(5), {"model": tiny_model}, f"d_model={d}"),
+                         (torch.full((d,), float("nan")), {}, "NaN"), ("r", {}, "expected a Direction or a tensor"),
+                         (stack, {"layer": 3}, "layer 3 is out of range")):
+        with pytest.raises(WorkbenchError, match=msg):
+            as_vector(bad, **kw)

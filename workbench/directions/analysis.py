@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..errors import WorkbenchError
 from .candidates import Candidates, activation_entry, layer_of
-from .interventions import as_vector, unit
+from .artifact import as_vector
 
 
 def candidate_cosines(candidates: Candidates) -> pd.DataFrame:
@@ -71,7 +71,7 @@ def projection_by_layer(
     """
     if not prompt_sets:
         raise WorkbenchError("projection_by_layer needs at least one prompt set")
-    r = unit(as_vector(direction, model)).double()
+    r = as_vector(direction, model, normalize=True).double()
     frames = []
     for cat, prompts in prompt_sets.items():
         entry = prompts if hasattr(prompts, "iter_shards") else activation_entry(

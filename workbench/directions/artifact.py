@@ -5,6 +5,10 @@ version, layer, position, method, model fingerprint, d_model, scores, metadata, 
 torch, transformers, transformer-lens, workbench and the git commit that produced it). Loading checks the format
 version; using a direction on a model checks d_model and the fingerprint and fails with a clear
 :class:`~workbench.errors.WorkbenchError` on a mismatch.
+
+:func:`as_vector` is the one coercion of a direction (a :class:`Direction`, a tensor, a per-layer set) to a
+``Float[Tensor, "d_model"]`` vector, optionally of one layer and optionally unit (:func:`unit`); every analysis,
+intervention and steering method takes its vector from it.
 """
 
 from __future__ import annotations
@@ -86,9 +90,8 @@ class Direction:
 
     @property
     def unit(self) -> Tensor:
-        """``Float[Tensor, "d_model"]`` (or ``"k d_model"``) normalised, float32."""
-        v = self.vector.float()
-        return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        """``Float[Tensor, "d_model"]`` (or ``"k d_model"``) normalised, float32 (:func:`unit`)."""
+        return unit(self.vector)
 
     @property
     def norm(self) -> float:
@@ -198,3 +201,69 @@ class Direction:
         if model is not None:
             d.check_model(model, check_fingerprint=strict)
         return d
+
+
+# ------------------------------------------------------------------------------------------ coercion
+def unit(v: Tensor) -> Tensor:
+    """``v / |v|`` (float32), with a clear error for a zero vector. Works on ``[..., d_model]``."""
+    v = v.float()
+    norm = v.norm(dim=-1, keepdim=True)
+    if (norm == 0).any():
+        raise WorkbenchError("cannot normalise a zero direction")
+    return v / norm
+
+
+def as_vector(direction, model=None, *, layer: int | None = None, d_model: int | None = None,
+              normalize: bool = False, nonzero: bool = False) -> Tensor:
+    """A direction -> ``Float[Tensor, "d_model"]``: the one coercion of the package.
+
+    Args:
+        direction: a :class:`Direction` (or any object with a tensor ``vector`` and, for sets, ``at(layer)``), or a
+            tensor: ``(d_model,)``, ``(1, d_model)``, or a per-layer stack ``(n_layers, d_model)`` (row ``l`` is
+            layer ``l``).
+        model: check a :class:`Direction` against it (d_model, fingerprint, layer range) and a tensor's width
+            against ``model.cfg.d_model``.
+        layer: take the vector of this layer from a per-layer set (``direction.at(layer)``, or row ``layer`` of
+            a stack).
+        d_model: check the width only (no fingerprint).
+        normalize: return the unit vector (float32, :func:`unit`); otherwise the vector as stored.
+        nonzero: refuse the zero vector (implied by ``normalize``).
+
+    Raises:
+        WorkbenchError: anything else than a direction, several vectors without ``layer``, a width mismatch, a
+            NaN or inf, a zero vector where one is refused, or a direction that belongs to another model.
+    """
+    v = direction
+    if not isinstance(v, Tensor):
+        if layer is not None and callable(getattr(v, "at", None)):
+            v = v.at(layer)
+        if model is not None and callable(getattr(v, "check_model", None)):
+            v.check_model(model)
+        v = getattr(v, "vector", None)
+        if not isinstance(v, Tensor):
+            raise WorkbenchError(f"expected a Direction or a tensor, got {type(direction).__name__}")
+    elif layer is not None and v.ndim == 2 and v.shape[0] > 1:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < v.shape[0]:
+            raise WorkbenchError(f"layer {layer!r} is out of range; the per-layer stack has layers 0..{v.shape[0] - 1}")
+        v = v[layer]
+    if v.ndim == 2 and v.shape[0] == 1:
+        v = v[0]
+    elif v.ndim == 2:
+        raise WorkbenchError(
+            f"the direction holds {v.shape[0]} vectors (shape {tuple(v.shape)}); expected one vector of shape "
+            "(d_model,): pick one, e.g. direction.at(layer) (or layer=) for a per-layer set or vector[i] for a tensor"
+        )
+    if v.ndim != 1:
+        raise WorkbenchError(f"a direction must be a vector of shape (d_model,), got shape {tuple(v.shape)}")
+    width = int(model.cfg.d_model) if model is not None else d_model
+    if width is not None and v.shape[0] != width:
+        raise WorkbenchError(
+            f"the direction has d_model={v.shape[0]} but the model has d_model={width}; it was found on another model"
+        )
+    if not torch.isfinite(v).all():
+        raise WorkbenchError("the direction contains NaN or inf")
+    if normalize:
+        return unit(v)
+    if nonzero and not bool(v.any()):
+        raise WorkbenchError("the direction is the zero vector")
+    return v

@@ -25,54 +25,11 @@ from torch import Tensor
 from ..chat import post_instruction_positions
 from ..errors import WorkbenchError
 from ..vocab import Positions, hook_name, normalize_positions, position_index
+from .artifact import as_vector, unit  # noqa: F401 - unit re-exported (workbench.directions.unit)
 
 Hook = tuple[str, Callable]
 #: the sites directional ablation edits: every write into the residual stream, and the stream itself
 ABLATION_SITES = ("resid_pre", "attn_out", "mlp_out")
-
-
-def as_vector(direction, model=None) -> Tensor:
-    """A :class:`~workbench.directions.Direction` or tensor -> ``Float[Tensor, "d_model"]``.
-
-    When ``model`` is given, a :class:`Direction` is checked against it (d_model and fingerprint) and a
-    tensor's width is checked against ``model.cfg.d_model``.
-    """
-    from .artifact import Direction
-
-    if isinstance(direction, Direction):
-        if model is not None:
-            direction.check_model(model)
-        v = direction.vector
-    elif isinstance(direction, Tensor):
-        v = direction
-    else:
-        raise WorkbenchError(f"expected a Direction or a tensor, got {type(direction).__name__}")
-    if v.ndim == 2 and v.shape[0] == 1:
-        v = v[0]
-    elif v.ndim == 2:
-        raise WorkbenchError(
-            f"the direction holds {v.shape[0]} vectors (shape {tuple(v.shape)}); pick one, e.g. "
-            "direction.at(layer) for a per-layer set or vector[i] for a tensor"
-        )
-    if v.ndim != 1:
-        raise WorkbenchError(f"a direction must be a vector of shape (d_model,), got shape {tuple(v.shape)}")
-    if model is not None and v.shape[0] != int(model.cfg.d_model):
-        raise WorkbenchError(
-            f"direction has d_model={v.shape[0]} but the model has d_model={int(model.cfg.d_model)}; "
-            "it was found on another model"
-        )
-    if not torch.isfinite(v).all():
-        raise WorkbenchError("the direction contains NaN or inf")
-    return v
-
-
-def unit(v: Tensor) -> Tensor:
-    """``v / |v|`` (float32), with a clear error for a zero vector. Works on ``[..., d_model]``."""
-    v = v.float()
-    norm = v.norm(dim=-1, keepdim=True)
-    if (norm == 0).any():
-        raise WorkbenchError("cannot normalise a zero direction")
-    return v / norm
 
 
 def _check_layers(model, layers: Iterable[int]) -> list[int]:
@@ -119,7 +76,7 @@ def ablation_hooks(model, direction, layers: Sequence[int] | None = None) -> lis
             raise WorkbenchError(f"per-row directions have d_model={direction.shape[1]}, model has {model.cfg.d_model}")
         r = unit(direction)
     else:
-        r = unit(as_vector(direction, model))
+        r = as_vector(direction, model, normalize=True)
     layers = _check_layers(model, range(int(model.cfg.n_layers)) if layers is None else layers)
 
     def hook(act: Tensor, hook=None) -> Tensor:
@@ -149,9 +106,7 @@ def actadd_hooks(
             that long, so not cached decoding).
         normalize: add ``coefficient`` times the unit vector instead.
     """
-    v = as_vector(vector, model).float()
-    if normalize:
-        v = unit(v)
+    v = as_vector(vector, model, normalize=normalize).float()
     if isinstance(layers, int):
         layers = [layers]
     layers = _check_layers(model, layers)
@@ -254,7 +209,7 @@ def orthogonalize(model, direction, inplace: bool = False):
     Returns:
         The edited model (a copy unless ``inplace``), with its fingerprint refreshed.
     """
-    r = unit(as_vector(direction, model))
+    r = as_vector(direction, model, normalize=True)
     _writers(model)  # validate before copying or editing anything
     target = model if inplace else copy.deepcopy(model)
     embeds, outs = _writers(target)

@@ -31,9 +31,9 @@ from ..judge import refusal_score, refusal_token_ids
 from ..models import model_device
 from ..progress import progress
 from ..vocab import Positions
-from .artifact import Direction
+from .artifact import Direction, unit
 from .candidates import Candidates, _check_prompts, candidate_directions, candidate_positions
-from .interventions import ablation_hooks, per_row_actadd_hooks, unit
+from .interventions import ablation_hooks, per_row_actadd_hooks
 
 
 @dataclass

@@ -22,32 +22,15 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from ..directions.artifact import as_vector
 from ..errors import WorkbenchError
 from ._common import check_layers, mlp_out_weight
 
 
 def direction_vector(direction, layer: int | None = None, d_model: int | None = None) -> Tensor:
-    """``Float[Tensor, "d_model"]`` (float64) from a tensor or an artifact with ``.vector`` (``.at(layer)`` for sets)."""
-    v = direction
-    if not isinstance(v, Tensor):
-        if layer is not None and hasattr(v, "at"):
-            v = v.at(layer)
-        v = getattr(v, "vector", None)
-        if not isinstance(v, Tensor):
-            raise WorkbenchError(f"expected a tensor or a Direction with a .vector, got {type(direction).__name__}")
-    if v.ndim == 2 and v.shape[0] == 1:
-        v = v[0]
-    if v.ndim != 1:
-        raise WorkbenchError(f"a direction must be a vector of shape (d_model,), got shape {tuple(v.shape)}; "
-                             "pick one vector (direction.at(layer) or vector[i])")
-    if d_model is not None and v.shape[0] != d_model:
-        raise WorkbenchError(f"the direction has width {v.shape[0]} but the model has d_model={d_model}")
-    v = v.detach().double().cpu()
-    if not torch.isfinite(v).all():
-        raise WorkbenchError("the direction contains NaN or inf")
-    if float(v.norm()) == 0:
-        raise WorkbenchError("the direction is the zero vector")
-    return v
+    """``Float[Tensor, "d_model"]`` (float64, CPU) of a non-zero direction:
+    :func:`workbench.directions.artifact.as_vector` (``layer`` picks a per-layer set's vector)."""
+    return as_vector(direction, layer=layer, d_model=d_model, nonzero=True).detach().double().cpu()
 
 
 def topk_share(v: Tensor, ks: Sequence[int]) -> list[float]:

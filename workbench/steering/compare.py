@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..chat import ChatBatch
+from ..directions.artifact import as_vector
 from ..evaluate import Evaluation, evaluate_refusal, first_token_kl, reply_cross_entropy
 from ..progress import progress
 from ..vocab import BENIGN_LIKE, HARMFUL_LIKE
@@ -119,24 +120,25 @@ def fit_cast_threshold(data: TrainingSet, cond_dir: Tensor, layer_pos: int = 0) 
 
 def compare_methods(
     model,
-    direction: Tensor,
+    direction,
     layer: int,
     train: Mapping[str, Sequence[str]],
     val: Mapping[str, Sequence[str]],
     test: Mapping[str, Sequence[str]],
     alpha_unit: float,
-    centroid_direction: Tensor | None = None,
+    centroid_direction=None,
     cc: CompareConfig | None = None,
     show_progress: bool = True,
 ) -> dict:
     """Train WAS controllers, tune baselines on ``val`` and evaluate everything on ``test``.
 
     Args:
-        direction: unit refusal direction ``Float[Tensor, "d_model"]``; ``layer`` its layer.
+        direction: the refusal direction (a :class:`~workbench.directions.Direction`, checked against ``model``,
+            or ``Float[Tensor, "d_model"]``), normalised here; ``layer`` its layer.
         train/val/test: ``{category: prompts}`` with categories harmful, jailbreak, benign, borderline.
         alpha_unit: the natural steering magnitude (e.g. the harmful-minus-benign mean projection at
             ``layer``); every ``α`` below is a multiple of it.
-        centroid_direction: the embedding-centroid direction for ``official_equivalent``.
+        centroid_direction: the embedding-centroid direction (Direction or tensor) for ``official_equivalent``.
 
     Returns:
         ``{"methods": {name: {"refusal_rate": {...}, "kl_benign": x, "ce_benign": x, "ce_benign_delta": x}},
@@ -146,7 +148,7 @@ def compare_methods(
     """
     cc = cc or CompareConfig()
     n = int(model.cfg.n_layers)
-    d = direction / direction.norm()
+    d = as_vector(direction, model, normalize=True)
     in_layers = cc.input_layers or list(range(max(0, n - 4), n))
     harmful, benign, n_wrapped = training_prompts(train, cc.wrapped_negatives, cc.seed)
     base_cfg = dict(d_model=int(model.cfg.d_model), n_layers=n, input_layers=in_layers, hidden=cc.hidden,
@@ -184,8 +186,7 @@ def compare_methods(
             choices.update(cast_threshold=thr, cast_f1=f1, cast_layer=cond_layer, cast_alpha=a)
             plans[name] = gated_plan(d, cast_gate(model, d, cond_layer, thr), a * alpha_unit / n, n)
         elif name == "official_equivalent":
-            cdir = centroid_direction if centroid_direction is not None else d
-            cdir = cdir / cdir.norm()
+            cdir = as_vector(centroid_direction if centroid_direction is not None else d, model, normalize=True)
             cfg = ControllerConfig(**base_cfg, scale_activation="identity", steer_layers=[n - 1],
                                    alpha=alpha_unit, objective="official_equivalent")
             ctrl, _ = train_bce(model, cdir, data, cfg, epochs=cc.bce_epochs, seed=cc.seed, show_progress=False)
