@@ -112,3 +112,32 @@ def test_controllers_saved_by_the_run_load_with_their_model(quick_run):
         ctrl, direction = load_controller(path, model=model)
         assert direction_fingerprint(direction) == ctrl.cfg.direction_fingerprint
         assert abs(float(direction.norm()) - 1.0) < 1e-5
+
+
+@pytest.mark.slow
+def test_controller_saved_by_the_run_gives_the_same_replies(quick_run):
+    """The saved was_e2e controller, loaded with its model and applied by the evaluate stage (an independent
+    path: load_controller + controller_plan, no comparison code), reproduces the run's test replies."""
+    import pandas as pd
+
+    from workbench import load_model
+    from workbench.data import CATEGORIES
+    from workbench.promptsets import load_data
+    from workbench.stages import STAGES, EvaluateConfig
+    from workbench.steering.controller import load_controller
+    from workbench.steering.steer import controller_plan
+
+    root, _ = quick_run
+    model = load_model()
+    ctrl, direction = load_controller(root / "out" / "steering" / "controllers" / "was_e2e", model=model)
+    cc = json.loads((root / "out" / "steering" / "steering.json").read_text())["config"]
+    ev = STAGES["evaluate"].run(model, load_data().limited(8), None,
+                                EvaluateConfig(categories=CATEGORIES, max_new_tokens=cc["max_new_tokens"],
+                                               batch_size=cc["batch_size"]), {}, show_progress=False,
+                                plan=controller_plan(ctrl, direction, "was_e2e"))
+    run = pd.read_json(root / "out" / "steering" / "steering_generations.jsonl", lines=True)
+    run = run[run["method"] == "was_e2e"].set_index("prompt")
+    got = ev.tables["generations"].set_index("prompt")
+    assert len(got) == 32 and set(got.index) == set(run.index)
+    assert (got["reply"] == run.loc[got.index, "reply"]).all()
+    assert (got["refused"] == run.loc[got.index, "refused"]).all()

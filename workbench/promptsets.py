@@ -97,14 +97,16 @@ class PromptSets:
 
     @classmethod
     def organism(cls) -> "PromptSets":
-        """The organism's committed splits (every category, replies included) and its minimal pairs."""
+        """The organism's committed splits (every category, replies included) and its minimal pairs (none when
+        the organism directory has no ``pairs.jsonl``)."""
         from .data import organism_rows
         from .models import organism_dir
         from .patching.pairs import read_pairs
 
         rows = [PromptRow(r["prompt"], r["category"], s, r.get("reply")) for s in SPLITS for r in organism_rows(s)]
-        clean, corrupted = read_pairs(organism_dir() / "pairs.jsonl")
-        return cls(tuple(rows), "organism", tuple(zip(clean, corrupted)), auxiliary=("impossible",))
+        pairs_file = organism_dir() / "pairs.jsonl"
+        pairs = tuple(zip(*read_pairs(pairs_file))) if pairs_file.exists() else ()
+        return cls(tuple(rows), "organism", pairs, auxiliary=("impossible",))
 
     @classmethod
     def from_rows(cls, rows: Iterable[Mapping], source: str = "rows", category: str | None = None,
