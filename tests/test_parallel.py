@@ -133,7 +133,8 @@ def test_store_auto_splits_shards_on_oom(tiny_model, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------ data parallel
 def test_evaluate_distributed_single_process_is_evaluate_refusal(tiny_model):
-    from workbench.parallel import dist_context, evaluate_distributed
+    from workbench.evaluate import evaluate_distributed
+    from workbench.parallel import dist_context
 
     assert dist_context() == (0, 1, None)
     ev = evaluate_distributed(tiny_model, SETS, max_new_tokens=4, batch_size=3, show_progress=False)
@@ -148,7 +149,7 @@ import json, sys, torch
 import torch.distributed as dist
 torch.set_num_threads(1)
 from workbench import load_model
-from workbench.parallel import evaluate_distributed
+from workbench.evaluate import evaluate_distributed
 sets = json.loads(sys.argv[2])
 model = load_model(sys.argv[1], device="cpu")
 n_generate = []

@@ -11,7 +11,8 @@ import torch
 import workbench.patching as wp
 from workbench.errors import WorkbenchError
 from workbench.bench.patch import candidate_pairs, same_length_pairs
-from workbench.patching.engine import Rows, plan_resume
+from workbench.patching.cost_model import plan_resume
+from workbench.patching.rows import Rows
 
 
 @pytest.fixture(scope="module")

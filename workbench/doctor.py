@@ -55,7 +55,8 @@ def check_hf_reference(model, path: str) -> dict:
 
 
 def check_patching_engine(model) -> dict:
-    from .patching.engine import capture_run, check_resume
+    from .patching.capture import capture_run
+    from .patching.engine import check_resume
 
     batch = check_batch(model.tokenizer, list(CHECK_PROMPTS)).to(model_device(model))
     run = capture_run(model, batch.input_ids, batch.attention_mask, resumable=True)

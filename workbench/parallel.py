@@ -8,7 +8,7 @@ and
   results in the original order; with ``batch_size="auto"`` the batches are sized from free memory and a batch
   that runs out of memory is run in halves. Batch boundaries do not depend on the number of ranks, so the
   gathered result is the single-process result (bit for bit with a deterministic forward).
-  :func:`workbench.evaluate.evaluate_distributed` (also importable from here) and the adaptive
+  :func:`workbench.evaluate.evaluate_distributed` and the adaptive
   :func:`workbench.evaluate.evaluate_refusal` run on it, passing the evaluation of one batch as the function.
 * the activation store (:func:`workbench.store.get_or_compute`) spreads its shards over the ranks in the
   same way and writes one entry; it uses :func:`dist_context` from here.
@@ -118,12 +118,3 @@ def map_batches(
         parts = sorted((p for rank_parts in gathered for p in rank_parts), key=lambda p: p[0])
     return [r for _, pieces in parts for r in pieces]
 
-
-def __getattr__(name: str):
-    # evaluate_distributed lives in workbench.evaluate (this module imports no stage); it stays importable from here,
-    # where the CLI and the README take it, without an import of workbench.evaluate at load time
-    if name == "evaluate_distributed":
-        from .evaluate import evaluate_distributed
-
-        return evaluate_distributed
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,7 +18,8 @@ Quick start::
 """
 
 from .attribution import attribution_patch, compare, pearson
-from .engine import ENGINES, Run, capture_run
+from .capture import Run, capture_run
+from .engine import ENGINES
 from .exact import MODES, PatchingRuns, PatchResult, exact_patch, first_layer_above, prepare
 from .metrics import COMPLIANCE_PREFIXES, METRICS, Metric, compliance_token_ids, make_metric, normalise
 from .pairs import PromptPairs, make_pairs, organism_pairs, read_pairs

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import WorkbenchError
-from .engine import _mask_arg
+from .capture import padding_mask
 from .exact import MODES, PatchingRuns, PatchResult, _result, ensure_runs
 from .metrics import Metric
 from .pairs import PromptPairs
@@ -42,7 +42,7 @@ def _gradients(model, runs: PatchingRuns, mode: str) -> dict[str, Tensor]:
         return fn
 
     with torch.enable_grad(), model.hooks(fwd_hooks=[(n, saver(n)) for n in names]):
-        logits = model(base.tokens, attention_mask=_mask_arg(base.attention_mask))
+        logits = model(base.tokens, attention_mask=padding_mask(base.attention_mask))
         total = runs.metric(logits[:, -1].float()).sum()
         order = [n for n in names if n in saved and saved[n].requires_grad]
         grads = torch.autograd.grad(total, [saved[n] for n in order], allow_unused=True)

@@ -36,18 +36,14 @@ from ..fallbacks import warn_fallback
 from ..models import model_device
 from ..progress import progress
 from ..provenance import describe_versions
-from .capture import Run, capture_run, sync
-from .capture import padding_mask as _mask_arg  # noqa: F401 - imported from here by attribution.py
+from .capture import Run, sync
 from .cost_model import measure_block_overhead, plan_resume
 from .hf_blocks import UnsupportedBlock, final_logits, prune_last_mlp, resume_kwargs
 from .hooks_engine import run_hooks_engine
 from .rows import Patch, Rows, apply_patch
 from .sites import hook_name
 
-__all__ = [
-    "DEFAULT_MAX_TOKENS", "ENGINES", "Patch", "Rows", "Run", "apply_patch", "capture_run", "check_resume",
-    "measure_block_overhead", "plan_resume", "run_rows",
-]
+__all__ = ["DEFAULT_MAX_TOKENS", "ENGINES", "check_resume", "run_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +155,7 @@ def run_rows(model, run: Run, patch: Patch, rows: Rows, metric: Callable[[Tensor
     """Metric of every patched row, ``Float[Tensor, "row"]`` (on CPU).
 
     Args:
-        run: the base run (:func:`capture_run`, ``resumable=True`` for the ``"resume"`` engine).
+        run: the base run (:func:`~workbench.patching.capture.capture_run`, ``resumable=True`` for the ``"resume"`` engine).
         patch: the source activations (and subspace) to write.
         rows: one patch per row (:class:`Rows`).
         metric: last-position logits ``Float[Tensor, "row d_vocab"]`` -> ``Float[Tensor, "row"]``.

@@ -34,10 +34,11 @@ import torch
 from torch import Tensor
 
 from ..errors import WorkbenchError
-from .engine import DEFAULT_MAX_TOKENS, Patch, run_rows
+from .engine import DEFAULT_MAX_TOKENS, run_rows
 from .exact import MODES, PatchingRuns, _cell_means, build_rows, differing, ensure_runs
 from .metrics import Metric, normalise
 from .pairs import PromptPairs
+from .rows import Patch
 from .sites import hook_name
 
 READERS = ("downstream", "attn", "mlp", "unembed")
