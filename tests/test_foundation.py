@@ -313,3 +313,27 @@ def test_as_vector_is_the_one_direction_coercion(tiny_model):
                          (stack, {"layer": 3}, "layer 3 is out of range")):
         with pytest.raises(WorkbenchError, match=msg):
             as_vector(bad, **kw)
+
+
+def test_check_layers_is_the_one_layer_validator(tiny_model):
+    """vocab.check_layers: None = every layer, negative layers only where asked, the same messages from the
+    store's hook specs, the sparsity analyses and the direction interventions."""
+    from workbench import directions as wd
+    from workbench import sparsity as ws
+    from workbench.store.spec import resolve_hooks
+    from workbench.vocab import check_layers
+
+    n = int(tiny_model.cfg.n_layers)
+    assert check_layers(None, 3) == [0, 1, 2] and check_layers(1, 3) == [1] and check_layers([2, 0, 2], 3) == [2, 0, 2]
+    assert check_layers([-1, 0, 2], 3, negative=True, sort=True) == [0, 2]
+    for bad, kw, msg in ((-1, {}, "layer -1 is out of range; the model has 3 layers"),
+                         ([3], {"negative": True}, "layer 3 is out of range"), ([], {}, "layer set is empty"),
+                         (["1"], {}, "layer '1' is not an int"), ([True], {}, "is not an int"),
+                         ([5], {"context": "spec x"}, "^spec x: layer 5 is out of range")):
+        with pytest.raises(WorkbenchError, match=msg):
+            check_layers(bad, 3, **kw)
+    calls = (lambda: resolve_hooks(tiny_model, ("resid_pre", [n])), lambda: ws.topk_hooks(tiny_model, 1, layers=[n]),
+             lambda: wd.actadd_hooks(tiny_model, torch.ones(int(tiny_model.cfg.d_model)), layers=[n]))
+    for call in calls:
+        with pytest.raises(WorkbenchError, match=f"layer {n} is out of range; the model has {n} layers"):
+            call()

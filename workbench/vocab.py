@@ -4,6 +4,9 @@ Hook sites
     Every module that names a hook takes it from here (:func:`hook_name`, :data:`SITES`); the TransformerBridge
     exposes the same names as TransformerLens (``blocks.{l}.hook_resid_pre`` ...).
 
+Layers
+    :func:`check_layers` validates the layers of a model (``None`` = every layer).
+
 Categories
     ``harmful``, ``jailbreak``, ``benign`` (the ordinary harmless requests: the organism's data, the steering
     tables and the WAS paper call them so; "harmless" would also cover ``borderline``) and ``borderline``
@@ -19,7 +22,7 @@ Positions
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from .errors import WorkbenchError
 
@@ -44,6 +47,39 @@ SITES: dict[str, str] = {
     "mlp_out": "blocks.{layer}.hook_mlp_out",
     "resid_post": "blocks.{layer}.hook_resid_post",
 }
+
+
+def check_layers(layers: Iterable[int] | int | None, n_layers: int, *, negative: bool = False, sort: bool = False,
+                 context: str = "") -> list[int]:
+    """The one layer validator: layers of a model with ``n_layers`` blocks.
+
+    Args:
+        layers: ``None`` (every layer), one int, or ints in ``0..n_layers - 1``.
+        negative: also accept ``-n_layers..-1``, counted from the end (returned as the layer index).
+        sort: return them sorted without duplicates (otherwise in the order given).
+        context: prefix of the error messages (e.g. the hook spec the layers came from).
+
+    Raises:
+        WorkbenchError: a layer that is not an int or out of range, or no layer at all.
+    """
+    prefix = f"{context}: " if context else ""
+    if layers is None:
+        return list(range(n_layers))
+    if _is_int(layers):
+        layers = [layers]
+    out = []
+    for layer in layers:
+        if not _is_int(layer):
+            raise WorkbenchError(f"{prefix}layer {layer!r} is not an int; expected layers in 0..{n_layers - 1}")
+        real = layer + n_layers if negative and layer < 0 else layer
+        if not 0 <= real < n_layers:
+            raise WorkbenchError(
+                f"{prefix}layer {layer} is out of range; the model has {n_layers} layers (0..{n_layers - 1})"
+            )
+        out.append(real)
+    if not out:
+        raise WorkbenchError(f"{prefix}the layer set is empty; pass at least one layer")
+    return sorted(set(out)) if sort else out
 
 
 def hook_name(site: str, layer: int) -> str:

@@ -17,33 +17,19 @@ and on cached decoding steps (sequence length 1).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from ..chat import post_instruction_positions
 from ..errors import WorkbenchError
-from ..vocab import Positions, hook_name, normalize_positions, position_index
+from ..vocab import Positions, check_layers, hook_name, normalize_positions, position_index
 from .artifact import as_vector, unit  # noqa: F401 - unit re-exported (workbench.directions.unit)
 
 Hook = tuple[str, Callable]
 #: the sites directional ablation edits: every write into the residual stream, and the stream itself
 ABLATION_SITES = ("resid_pre", "attn_out", "mlp_out")
-
-
-def _check_layers(model, layers: Iterable[int]) -> list[int]:
-    n = int(model.cfg.n_layers)
-    out = []
-    for l in layers:
-        if not isinstance(l, int) or isinstance(l, bool):
-            raise WorkbenchError(f"layer {l!r} is not an integer")
-        if not 0 <= l < n:
-            raise WorkbenchError(f"layer {l} is out of range; the model has layers 0..{n - 1}")
-        out.append(l)
-    if not out:
-        raise WorkbenchError("the layer set is empty; pass at least one layer")
-    return out
 
 
 def project_out(x: Tensor, r: Tensor) -> Tensor:
@@ -77,7 +63,7 @@ def ablation_hooks(model, direction, layers: Sequence[int] | None = None) -> lis
         r = unit(direction)
     else:
         r = as_vector(direction, model, normalize=True)
-    layers = _check_layers(model, range(int(model.cfg.n_layers)) if layers is None else layers)
+    layers = check_layers(layers, int(model.cfg.n_layers))
 
     def hook(act: Tensor, hook=None) -> Tensor:
         return project_out(act, r)
@@ -107,9 +93,7 @@ def actadd_hooks(
         normalize: add ``coefficient`` times the unit vector instead.
     """
     v = as_vector(vector, model, normalize=normalize).float()
-    if isinstance(layers, int):
-        layers = [layers]
-    layers = _check_layers(model, layers)
+    layers = check_layers(layers, int(model.cfg.n_layers))
     spelled = normalize_positions(positions)
     n_post = len(post_instruction_positions(model.tokenizer)) if spelled == "post_instruction" else None
     cols = position_index(spelled, n_post)
@@ -135,7 +119,7 @@ def per_row_actadd_hooks(model, vectors: Tensor, row_layers: Tensor) -> list[Hoo
     """
     hooks = []
     for l in sorted(set(int(x) for x in row_layers.tolist())):
-        _check_layers(model, [l])
+        check_layers(l, int(model.cfg.n_layers))
         sel = (row_layers == l).to(vectors.dtype)[:, None] * vectors
 
         def hook(act: Tensor, hook=None, sel=sel) -> Tensor:

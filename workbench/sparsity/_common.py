@@ -1,4 +1,4 @@
-"""Shared helpers: MLP hook names, layer checks, the MLP output weights, masked shard streaming."""
+"""Shared helpers: MLP hook names, the layers of a model, the MLP output weights, masked shard streaming."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import Tensor
 from ..errors import WorkbenchError
 from ..models import model_device  # noqa: F401 - re-exported for the sparsity modules
 from ..progress import progress
-from ..vocab import SITES
+from ..vocab import SITES, check_layers
 
 #: TransformerLens name of the MLP hidden activation (the input of the down projection; for SwiGLU
 #: ``act(gate(x)) * up(x)``).
@@ -37,24 +37,10 @@ def d_mlp(model) -> int:
     return int(mlp_out_weight(model, 0).shape[1])
 
 
-def check_layers(model, layers: Iterable[int] | int | None) -> list[int]:
-    """``None`` -> every layer; ints (negative counts from the end) checked against ``model.cfg.n_layers``."""
-    n = n_layers(model)
-    if layers is None:
-        return list(range(n))
-    if isinstance(layers, int) and not isinstance(layers, bool):
-        layers = [layers]
-    out = []
-    for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise WorkbenchError(f"layer {layer!r} is not an int; expected layers in 0..{n - 1}")
-        real = layer + n if layer < 0 else layer
-        if not 0 <= real < n:
-            raise WorkbenchError(f"layer {layer} is out of range; the model has {n} layers (0..{n - 1})")
-        out.append(real)
-    if not out:
-        raise WorkbenchError("the layer list is empty; pass at least one layer (or None for all)")
-    return sorted(dict.fromkeys(out))
+def model_layers(model, layers: Iterable[int] | int | None) -> list[int]:
+    """The layers of ``model`` a sparsity analysis runs on (:func:`workbench.vocab.check_layers`): ``None`` ->
+    every layer; ints (negative counts from the end), sorted without duplicates."""
+    return check_layers(layers, n_layers(model), negative=True, sort=True)
 
 
 def check_fraction(value, name: str, low_open: bool = True, high_open: bool = True) -> float:

@@ -13,13 +13,14 @@ decoding steps (sequence length 1).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor
 
 from ..errors import WorkbenchError
-from ._common import check_layers, check_thresholds, d_mlp, mlp_post_name
+from ..vocab import check_layers
+from ._common import check_thresholds, d_mlp, mlp_post_name, model_layers
 
 Hook = tuple[str, Callable]
 
@@ -50,7 +51,7 @@ class ThresholdZeroing:
                  count: bool = True):
         if not isinstance(thresholds, Mapping) or not thresholds:
             raise WorkbenchError("thresholds must be a non-empty {layer: threshold} mapping")
-        layers = check_layers(model, list(thresholds))
+        layers = model_layers(model, list(thresholds))
         d = d_mlp(model)
         self.thresholds: dict[int, Tensor | float] = {}
         for layer, t in zip(layers, thresholds.values()):
@@ -124,7 +125,7 @@ def topk_hooks(model, k: int, layers: Iterable[int] | None = None) -> list[Hook]
     d = d_mlp(model)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d:
         raise WorkbenchError(f"k must be an int in 1..d_mlp={d}, got {k!r}")
-    layers = check_layers(model, layers)
+    layers = model_layers(model, layers)
 
     def fn(act: Tensor, hook=None) -> Tensor:
         if k >= act.shape[-1]:
@@ -150,8 +151,7 @@ def group_neurons(model, neurons) -> dict[int, Tensor]:
         if len(p) != 2:
             raise WorkbenchError(f"a neuron is a (layer, index) pair, got {p!r}")
         layer, idx = int(p[0]), int(p[1])
-        if not 0 <= layer < n:
-            raise WorkbenchError(f"neuron {p!r}: layer {layer} is out of range 0..{n - 1}")
+        check_layers(layer, n, context=f"neuron {p!r}")
         if not 0 <= idx < d:
             raise WorkbenchError(f"neuron {p!r}: index {idx} is out of range 0..{d - 1} (d_mlp={d})")
         out.setdefault(layer, []).append(idx)

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..errors import WorkbenchError
 from ..progress import progress
-from ._common import check_layers, mlp_out_weight, mlp_post_name
+from ._common import mlp_out_weight, mlp_post_name, model_layers
 from .heldout import HeldoutText, token_losses
 from .hooks import ThresholdZeroing
 from .stats import LOG_HI, LOG_LO, log_bin
@@ -175,7 +175,7 @@ def _scopes(model, scopes, layers: list[int]) -> list:
         if s == "overall":
             out.append(s)
         elif isinstance(s, int) and not isinstance(s, bool):
-            (l,) = check_layers(model, [s])
+            (l,) = model_layers(model, [s])
             if l not in layers:
                 raise WorkbenchError(f"scope layer {s} is not among the searched layers {layers}")
             out.append(l)
@@ -216,7 +216,7 @@ def ppl_sparsity(
         ``loss_increase_pct`` <= p in the result row); threshold 0 (nothing zeroed) when nothing larger does.
     """
     ps = _check_common(text, p, criterion, weighting, tol, max_evals)
-    layers = check_layers(model, layers)
+    layers = model_layers(model, layers)
     scopes = _scopes(model, scopes, layers)
     search = _Searcher(model, text, layers, weighting, batch_size)
     key = "ppl_increase_pct" if criterion == "ppl" else "loss_increase_pct"
@@ -281,7 +281,7 @@ def ppl_curve(
     ss = [float(s) for s in sparsities]
     if not ss or any(not 0 <= s <= 1 for s in ss):
         raise WorkbenchError(f"sparsities must be fractions in [0, 1], got {list(sparsities)!r}")
-    layers = check_layers(model, layers)
+    layers = model_layers(model, layers)
     scopes = _scopes(model, scopes, layers)
     search = _Searcher(model, text, layers, weighting, batch_size)
     for scope in progress(scopes, "PPL curve", show_progress):

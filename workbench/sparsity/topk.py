@@ -14,7 +14,7 @@ import pandas as pd
 
 from ..errors import WorkbenchError
 from ..progress import progress
-from ._common import check_layers, d_mlp
+from ._common import d_mlp, model_layers
 from .heldout import HeldoutText, lm_loss
 from .hooks import topk_hooks
 
@@ -83,7 +83,7 @@ def topk_sweep(
         raise WorkbenchError("topk_sweep needs held-out text (loss) and/or prompt_sets (refusal rates)")
     if text is not None and not isinstance(text, HeldoutText):
         raise WorkbenchError(f"text must be a HeldoutText, got {type(text).__name__}")
-    layers = check_layers(model, layers)
+    layers = model_layers(model, layers)
     ks = resolve_ks(model, ks)
     d = d_mlp(model)
     base = lm_loss(model, text, (), batch_size) if text is not None else None

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..errors import WorkbenchError
 from ..provenance import versions
+from ..vocab import check_layers
 
 FORMAT_VERSION = 1
 #: pooling -> the :data:`workbench.vocab.Positions` the controller's input is averaged over
@@ -66,13 +67,9 @@ class ControllerConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        bad = [l for l in self.input_layers if not 0 <= l < self.n_layers]
-        if not self.input_layers or bad:
-            raise WorkbenchError(f"input_layers {self.input_layers} out of range for a model of {self.n_layers} layers")
+        check_layers(self.input_layers, self.n_layers, context="input_layers")
         if self.steer_layers is not None:
-            bad = [l for l in self.steer_layers if not 0 <= l < self.n_layers]
-            if bad:
-                raise WorkbenchError(f"steer_layers {bad} out of range for a model of {self.n_layers} layers")
+            check_layers(self.steer_layers, self.n_layers, context="steer_layers")
         if self.pooling not in POOLING_POSITIONS:
             raise WorkbenchError(f"unknown pooling {self.pooling!r}; expected one of {sorted(POOLING_POSITIONS)}")
         if self.scale_head not in ("mlp", "linear"):

@@ -17,7 +17,7 @@ from torch import Tensor
 from ..chat import ChatBatch
 from ..errors import WorkbenchError
 from ..models import model_device
-from ..vocab import Positions, position_index
+from ..vocab import Positions, check_layers, position_index
 from .controller import POOLING_POSITIONS, Controller
 from .hooks import hook_name, steering_hooks
 
@@ -38,10 +38,7 @@ def controller_inputs(
     if pooling not in POOLING_POSITIONS:
         raise WorkbenchError(f"unknown pooling {pooling!r}; expected one of {sorted(POOLING_POSITIONS)}")
     cols = position_index(POOLING_POSITIONS[pooling], batch.n_post)
-    n = int(model.cfg.n_layers)
-    bad = [l for l in input_layers if not 0 <= l < n]
-    if bad:
-        raise WorkbenchError(f"input layers {bad} out of range for a model of {n} layers")
+    check_layers(input_layers, int(model.cfg.n_layers), context="input layers")
     grabbed: dict[int, Tensor] = {}
     deepest = max(input_layers)
 
@@ -102,9 +99,7 @@ def fixed_plan(direction: Tensor, alpha: float, n_layers: int, layers: Sequence[
                name: str = "actadd") -> SteeringPlan:
     """ActAdd: the same ``α`` on ``layers`` (default every layer) for every prompt."""
     vec = torch.zeros(1, n_layers)
-    for l in (range(n_layers) if layers is None else layers):
-        if not 0 <= l < n_layers:
-            raise WorkbenchError(f"layer {l} out of range for a model of {n_layers} layers")
+    for l in check_layers(layers, n_layers):
         vec[0, l] = alpha
     return SteeringPlan(name, direction, lambda model, batch: (vec, {}))
 

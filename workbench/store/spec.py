@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import WorkbenchError
-from ..vocab import SITES, Positions, resolve_positions
+from ..vocab import SITES, Positions, check_layers, resolve_positions
 
 #: alias -> TransformerLens name template, in forward order inside a block (:data:`workbench.vocab.SITES`
 #: without the per-head ``z``, which the store does not cache).
@@ -70,24 +70,6 @@ def _sort_key(name: str, order: int, n_layers: int) -> tuple:
     if layer is None:
         layer = -1 if ("embed" in name) else n_layers
     return (layer, _ALIAS_RANK.get(alias, len(ALIASES)), order)
-
-
-def _layers_for(alias: str, layers, n_layers: int, spec) -> list[int]:
-    if layers is None:
-        return list(range(n_layers))
-    if isinstance(layers, int) and not isinstance(layers, bool):
-        layers = [layers]
-    out = []
-    for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise WorkbenchError(f"hook spec {spec!r}: layer {layer!r} is not an int")
-        real = layer + n_layers if layer < 0 else layer
-        if not 0 <= real < n_layers:
-            raise WorkbenchError(
-                f"hook spec {spec!r}: layer {layer} is out of range; the model has {n_layers} layers (0..{n_layers - 1})"
-            )
-        out.append(real)
-    return out
 
 
 def _unknown(spec, model) -> WorkbenchError:
@@ -145,7 +127,8 @@ def _resolve(hooks, n_layers: int, known: set[str], only: set[str] | None, unkno
     for spec in specs:
         if _is_alias_with_layers(spec):
             alias, layers = spec
-            got = [ALIASES[alias].format(layer=layer) for layer in _layers_for(alias, layers, n_layers, spec)]
+            got = [ALIASES[alias].format(layer=layer) for layer in
+                   check_layers(layers, n_layers, negative=True, context=f"hook spec {spec!r}")]
         elif not isinstance(spec, str):
             raise WorkbenchError(f"hook spec {spec!r} is a {type(spec).__name__}; expected a name, an alias or (alias, [layers])")
         elif spec.strip() in ALIASES:
@@ -153,7 +136,7 @@ def _resolve(hooks, n_layers: int, known: set[str], only: set[str] | None, unkno
             if only is not None:
                 got = [n for n in got if n in only] or [spec.strip()]
         elif (m := _ALIAS_LAYER_RE.match(spec.strip())) and m.group(1) in ALIASES:
-            (layer,) = _layers_for(m.group(1), int(m.group(2)), n_layers, spec)
+            (layer,) = check_layers(int(m.group(2)), n_layers, negative=True, context=f"hook spec {spec!r}")
             got = [ALIASES[m.group(1)].format(layer=layer)]
         elif spec.strip() in known:
             got = [spec.strip()]
