@@ -337,3 +337,24 @@ def test_check_layers_is_the_one_layer_validator(tiny_model):
     for call in calls:
         with pytest.raises(WorkbenchError, match=f"layer {n} is out of range; the model has {n} layers"):
             call()
+
+
+def test_one_diff_in_means_for_directions_and_patching():
+    """The patching analyses' clean-minus-corrupted direction is the directions' difference in means (one
+    implementation), at the last position, made unit."""
+    from types import SimpleNamespace
+
+    from workbench.directions import MemoryEntry, diff_in_means
+    from workbench.patching.run import diff_in_means as patching_diff_in_means
+
+    gen = torch.Generator().manual_seed(0)
+    name = "blocks.1.hook_resid_pre"
+    clean, corrupted = torch.randn(5, 3, 8, generator=gen), torch.randn(4, 3, 8, generator=gen)
+    runs = SimpleNamespace(clean=SimpleNamespace(acts={name: clean}), corrupted=SimpleNamespace(acts={name: corrupted}))
+    want = clean[:, -1].double().mean(0) - corrupted[:, -1].double().mean(0)
+    assert torch.allclose(patching_diff_in_means(runs, 1).double(), want / want.norm(), atol=1e-6)
+    c = diff_in_means(MemoryEntry({name: clean}, [-3, -2, -1], shard_rows=2), MemoryEntry({name: corrupted}, [-3, -2, -1]))
+    assert torch.allclose(c.vector(1, -1), want, atol=1e-12) and c.n_harmful == 5 and c.n_benign == 4
+    same = SimpleNamespace(clean=runs.clean, corrupted=runs.clean)
+    with pytest.raises(WorkbenchError, match="coincide"):
+        patching_diff_in_means(same, 1)

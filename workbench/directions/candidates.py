@@ -25,7 +25,7 @@ from ..chat import post_instruction_positions, tokenize_chat
 from ..errors import WorkbenchError
 from ..models import model_device
 from ..progress import progress
-from ..vocab import Positions, hook_name, normalize_positions, position_index, resolve_positions
+from ..vocab import Positions, check_layers, hook_name, normalize_positions, position_index, resolve_positions
 
 Shard = tuple[slice, Tensor]
 
@@ -118,15 +118,17 @@ def activation_entry(
     batch_size: int = 32,
     show_progress: bool = True,
     positions: Positions = "post_instruction",
+    layers: Sequence[int] | None = None,
 ):
-    """``resid_pre`` at ``positions`` (default: the post-instruction ones) of ``prompts``, from the cache store
-    when available.
+    """``resid_pre`` of ``layers`` (default: every layer) at ``positions`` (default: the post-instruction ones) of
+    ``prompts``, from the cache store when available.
 
     Uses ``workbench.store.get_or_compute`` (content-addressed, reused across analyses); falls back to
     :func:`compute_resid_pre` when the store is not installed. ``store`` is passed through to the store.
     """
     _check_prompts(prompts, "prompts")
     positions = candidate_positions(positions)
+    layers = check_layers(layers, int(model.cfg.n_layers), sort=True)
     try:
         from ..store import get_or_compute  # type: ignore[attr-defined]
     except ImportError:
@@ -134,7 +136,7 @@ def activation_entry(
     if get_or_compute is None:
         return compute_resid_pre(model, prompts, batch_size=batch_size, show_progress=show_progress,
                                  positions=positions)
-    return get_or_compute(model, list(prompts), hooks=("resid_pre",), positions=positions,
+    return get_or_compute(model, list(prompts), hooks=("resid_pre", layers), positions=positions,
                           dtype="float32", store=store, batch_size=batch_size, show_progress=show_progress)
 
 
@@ -222,10 +224,12 @@ class Candidates:
 
 
 def diff_in_means(harmful, benign, hook_names: Sequence[str] | None = None) -> Candidates:
-    """Difference in means of two activation entries (store entries or :class:`MemoryEntry`).
+    """Difference in means of two activation entries (store entries or :class:`MemoryEntry`): the one
+    implementation of the package (the patching analyses use it for clean minus corrupted too).
 
     Args:
-        harmful, benign: objects with ``hook_names``, ``positions`` and ``iter_shards(hook)``.
+        harmful, benign: objects with ``hook_names``, ``positions`` and ``iter_shards(hook)``; the result is
+            ``mean(harmful) - mean(benign)`` (float64, streamed shard by shard).
         hook_names: which ``resid_pre`` hooks to use (default: every one in ``harmful``).
 
     Returns:
@@ -273,8 +277,9 @@ def candidate_directions(
     batch_size: int = 32,
     show_progress: bool = True,
     positions: Positions = "post_instruction",
+    layers: Sequence[int] | None = None,
 ) -> Candidates:
-    """Difference-in-means candidates of ``model`` at every layer and each of ``positions``.
+    """Difference-in-means candidates of ``model`` at ``layers`` (default: every layer) and each of ``positions``.
 
     Args:
         harmful, benign: prompt lists (train split).
@@ -282,15 +287,17 @@ def candidate_directions(
         positions: :data:`workbench.vocab.Positions` present in every prompt (default: the post-instruction ones).
 
     Returns:
-        :class:`Candidates` with ``directions`` of shape ``Float64[Tensor, "n_layers pos d_model"]``.
+        :class:`Candidates` with ``directions`` of shape ``Float64[Tensor, "layer pos d_model"]``.
     """
     _check_prompts(harmful, "the harmful prompt set")
     _check_prompts(benign, "the harmless prompt set")
     positions = candidate_positions(positions)
-    kw = {"store": store, "batch_size": batch_size, "show_progress": show_progress, "positions": positions}
+    layers = check_layers(layers, int(model.cfg.n_layers), sort=True)
+    kw = {"store": store, "batch_size": batch_size, "show_progress": show_progress, "positions": positions,
+          "layers": layers}
     h = activation_entry(model, harmful, **kw)
     b = activation_entry(model, benign, **kw)
-    names = [resid_pre_name(l) for l in range(int(model.cfg.n_layers))]
+    names = [resid_pre_name(l) for l in layers]
     cands = diff_in_means(h, b, names)
     cands.meta["d_model"] = int(model.cfg.d_model)
     return cands

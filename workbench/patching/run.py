@@ -13,6 +13,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ..directions.artifact import as_vector, unit
+from ..directions.candidates import MemoryEntry
+from ..directions.candidates import diff_in_means as mean_difference
 from ..errors import WorkbenchError
 from .attribution import attribution_patch, compare
 from .exact import PatchResult, PatchingRuns, exact_patch, first_layer_above, prepare
@@ -59,12 +62,14 @@ def _finite(x: float | None):
 
 
 def diff_in_means(runs: PatchingRuns, layer: int) -> torch.Tensor:
-    """``Float[Tensor, "d_model"]`` unit diff-in-means of clean minus corrupted ``resid_pre[layer]`` at the last position."""
+    """``Float[Tensor, "d_model"]`` unit diff-in-means of clean minus corrupted ``resid_pre[layer]`` at the last
+    position (:func:`workbench.directions.diff_in_means` of the two runs' activations)."""
     name = hook_name("resid_pre", layer)
-    v = (runs.clean.acts[name][:, -1].float().mean(0) - runs.corrupted.acts[name][:, -1].float().mean(0)).cpu()
-    if float(v.norm()) == 0.0:
+    clean, corrupted = (MemoryEntry({name: run.acts[name][:, -1:]}, [-1]) for run in (runs.clean, runs.corrupted))
+    v = mean_difference(clean, corrupted, [name]).vector(layer, -1).cpu()
+    if not v.any():
         raise WorkbenchError(f"clean and corrupted resid_pre at layer {layer} coincide; no direction to patch")
-    return v / v.norm()
+    return unit(v)
 
 
 def organism_ground_truth(model) -> tuple[int, torch.Tensor] | None:
@@ -188,9 +193,8 @@ def run_patching(
             layer = int(report.exact["resid_pre"].by_layer("last_pos").argmax())
     if layer is not None:
         source = "given"
-        vec = getattr(direction, "vector", None)
-        if vec is not None and getattr(vec, "ndim", 1) == 2 and hasattr(direction, "at"):
-            direction = direction.at(int(layer))          # a per-layer set: the vector of this layer
+        if getattr(getattr(direction, "vector", None), "ndim", 1) == 2:   # a per-layer set: the vector of this layer
+            direction = as_vector(direction, layer=int(layer))
         if direction is None:
             direction = diff_in_means(runs, int(layer))
             source = f"diff-in-means of clean - corrupted resid_pre[{layer}] at the last position"
