@@ -9,8 +9,8 @@ with ``x_l = blocks.{l}.hook_resid_pre``. The means are a streaming reduction ov
 (``(row_slice, Float[Tensor, "rows pos d_model"])``, the cache store's ``iter_shards``), accumulated in
 float64, so any number of prompts fits in memory.
 
-Activations come from :mod:`workbench.store` (``get_or_compute``) when it is installed; otherwise an
-in-memory entry with the same interface is computed with ``run_with_cache``.
+Activations come from :mod:`workbench.store` (``get_or_compute``: content-addressed, reused across analyses);
+:func:`compute_resid_pre` computes an in-memory entry with the same interface with ``run_with_cache``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ..chat import post_instruction_positions, tokenize_chat
 from ..errors import WorkbenchError
 from ..models import model_device
 from ..progress import progress
+from ..store import get_or_compute
 from ..vocab import Positions, check_layers, hook_name, normalize_positions, position_index, resolve_positions
 
 Shard = tuple[slice, Tensor]
@@ -121,21 +122,11 @@ def activation_entry(
     layers: Sequence[int] | None = None,
 ):
     """``resid_pre`` of ``layers`` (default: every layer) at ``positions`` (default: the post-instruction ones) of
-    ``prompts``, from the cache store when available.
-
-    Uses ``workbench.store.get_or_compute`` (content-addressed, reused across analyses); falls back to
-    :func:`compute_resid_pre` when the store is not installed. ``store`` is passed through to the store.
+    ``prompts``, from the cache store (``workbench.store.get_or_compute``; ``store`` is passed through to it).
     """
     _check_prompts(prompts, "prompts")
     positions = candidate_positions(positions)
     layers = check_layers(layers, int(model.cfg.n_layers), sort=True)
-    try:
-        from ..store import get_or_compute  # type: ignore[attr-defined]
-    except ImportError:
-        get_or_compute = None
-    if get_or_compute is None:
-        return compute_resid_pre(model, prompts, batch_size=batch_size, show_progress=show_progress,
-                                 positions=positions)
     return get_or_compute(model, list(prompts), hooks=("resid_pre", layers), positions=positions,
                           dtype="float32", store=store, batch_size=batch_size, show_progress=show_progress)
 
