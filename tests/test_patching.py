@@ -3,6 +3,7 @@ patching, the illusion check, bad input and the CLI. Tiny random models; every t
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -283,6 +284,81 @@ def test_clean_activations_from_the_store(model3, flat_pairs, runs, tmp_path):
     assert float((a.raw - b.raw).abs().max()) < 1e-5
     again = wp.prepare(model3, flat_pairs, store=tmp_path / "store")   # served from disk this time
     assert again.clean_source.startswith("store")
+
+
+@contextlib.contextmanager
+def _clean_forwards(model, pairs):
+    """Record the batch shape of every full forward of ``model`` whose batch holds a clean prompt of ``pairs``
+    (a pre-hook on the embedding: the store's forwards, cut to their longest row, count; the resume engine's
+    block calls, which skip the embedding, do not)."""
+    clean = pairs.clean_ids.cpu()
+    calls = []
+
+    def pre(mod, args, kwargs):
+        ids = (args[0] if args else kwargs["input_ids"]).cpu()
+        n = ids.shape[1]
+        if n <= clean.shape[1] and any(bool((clean[:, -n:] == row).all(-1).any()) for row in ids):
+            calls.append(tuple(ids.shape))
+
+    handle = model.embed.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("which", ["flat", "padded"])
+def test_store_path_runs_the_clean_prompts_once(model3, flat_pairs, padded_pairs, which, tmp_path):
+    """With a store, ``prepare`` runs one forward of the clean prompts, whether the entry is missing (it is
+    written from that forward's activations) or stored. One, not zero: the clean metric needs the clean logits
+    and the noising sweeps resume from the clean run's KV cache; the store holds neither. (Before: three on a
+    missing entry -- the clean run, a one-row probe for ``hook_z``'s shape and the store's own forward.)
+    The sweeps equal those without a store bit for bit (given the same resume plan), and the entry matches the
+    store's own forward."""
+    from workbench.store import get_or_compute
+
+    pairs = flat_pairs if which == "flat" else padded_pairs
+    plain = wp.prepare(model3, pairs)
+    with _clean_forwards(model3, pairs) as calls:
+        stored = wp.prepare(model3, pairs, store=tmp_path / "store")     # entry missing: written from the run
+    assert calls == [(pairs.n_pairs, pairs.n_pos)]
+    with _clean_forwards(model3, pairs) as calls:
+        again = wp.prepare(model3, pairs, store=tmp_path / "store")      # entry stored: read from disk
+    assert calls == [(pairs.n_pairs, pairs.n_pos)]
+    assert stored.clean_source.startswith("store") and again.clean_source.startswith("store")
+    real = pairs.attention_mask.bool()
+    for name, act in plain.clean.acts.items():
+        assert torch.equal(stored.clean.acts[name][real], act[real])
+        assert torch.equal(again.clean.acts[name], stored.clean.acts[name])
+    assert torch.equal(stored.clean_metric, plain.clean_metric)
+    for r in (stored, plain):   # the resume engine's plan depends on timings: fix it so the batches agree
+        r.clean.block_overhead_tokens = r.corrupted.block_overhead_tokens = 64.0
+    for comp, mode in [("resid_pre", "denoise"), ("heads", "denoise"), ("mlp_out", "noise")]:
+        a = wp.exact_patch(model3, stored, comp, mode=mode, show_progress=False)
+        b = wp.exact_patch(model3, plain, comp, mode=mode, show_progress=False)
+        assert torch.equal(a.raw, b.raw), (comp, mode)
+    names = sorted(plain.clean.acts)
+    own = get_or_compute(model3, pairs.clean, hooks=names, positions="all", store=tmp_path / "own",
+                         system=pairs.system, show_progress=False)                  # the store's own forward
+    entry = get_or_compute(model3, pairs.clean, hooks=names, positions="all", store=tmp_path / "store",
+                           system=pairs.system, show_progress=False)
+    for name in names:
+        assert torch.allclose(entry.activations(name), own.activations(name), atol=1e-5)
+
+
+def test_store_refuses_activations_of_other_tokens(model3, flat_pairs, runs, tmp_path):
+    from workbench.store import ActivationStore, Computed, get_or_compute
+
+    names = sorted(runs.clean.acts)
+    wrong = Computed(flat_pairs.corrupted_ids, flat_pairs.attention_mask, runs.clean.acts)
+    with pytest.raises(WorkbenchError, match="other tokens"):
+        get_or_compute(model3, flat_pairs.clean, hooks=names, positions="all", store=tmp_path,
+                       show_progress=False, computed=wrong)
+    lacking = Computed(flat_pairs.clean_ids, flat_pairs.attention_mask, {names[0]: runs.clean.acts[names[0]]})
+    with pytest.raises(WorkbenchError, match="hold no hook"):
+        get_or_compute(model3, flat_pairs.clean, hooks=names, positions="all", store=tmp_path,
+                       show_progress=False, computed=lacking)
+    assert ActivationStore(tmp_path).ls().empty
 
 
 def test_cli_patch_json(model3, tmp_path, capsys):

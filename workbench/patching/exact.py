@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..errors import WorkbenchError
 from ..models import model_device
-from ..store import get_or_compute
+from ..store import Computed, get_or_compute
 from .capture import Run, capture_run
 from .engine import DEFAULT_MAX_TOKENS, run_rows
 from .metrics import Metric, check_separable, make_metric, normalise
@@ -92,11 +92,13 @@ def _clean_override(clean_cache, names: Sequence[str], shape_of) -> dict[str, Te
     return out
 
 
-def _store_entry(model, pairs: PromptPairs, names: Sequence[str], store, show_progress: bool):
-    """The clean prompts' activations at ``names``, all positions, from the cache store (computed if missing)."""
+def _store_entry(model, pairs: PromptPairs, names: Sequence[str], store, clean: Run, show_progress: bool):
+    """The clean prompts' activations at ``names``, all positions, from the cache store; missing hooks are
+    written from the clean run's own activations (no second forward of the clean prompts)."""
     return get_or_compute(model, pairs.clean, hooks=list(names), positions="all",
                           store=None if store is True else store, system=pairs.system,
-                          show_progress=show_progress)
+                          show_progress=show_progress,
+                          computed=Computed(pairs.clean_ids, pairs.attention_mask, clean.acts))
 
 
 def prepare(
@@ -118,7 +120,9 @@ def prepare(
             ``Float[Tensor, "pair pos ..."]`` or an object with ``.activations(name)`` (a store entry).
         store: take the clean activations from the cache store (:mod:`workbench.store`): ``True`` for the
             default store, or an ``ActivationStore`` / root path. Entries are keyed by model fingerprint and
-            prompts, so a second sweep of the same pairs reads them from disk.
+            prompts, so a second sweep of the same pairs reads them from disk. Either way the clean prompts
+            run forward once: that forward gives the clean metric (the store holds no logits) and the KV cache
+            a sweep resumes from, and a missing entry is written from its activations.
 
     Raises:
         WorkbenchError: the metric is (numerically) the same on the clean and corrupted runs.
@@ -135,7 +139,7 @@ def prepare(
     clean = capture_run(model, pairs.clean_ids, pairs.attention_mask, names)
     source = "forward"
     if store is not None and store is not False and clean_cache is None:
-        clean_cache = _store_entry(model, pairs, names, store, show_progress)
+        clean_cache = _store_entry(model, pairs, names, store, clean, show_progress)
     if clean_cache is not None:
         override = _clean_override(clean_cache, names, lambda n: clean.acts[n].shape)
         clean.acts.update({k: v.to(dev, clean.acts[k].dtype) for k, v in override.items()})

@@ -34,6 +34,7 @@ from ..models import resolve_dtype
 from ..parallel import dist_context as _dist_context
 from ..provenance import runtime_versions
 from . import fileio
+from .capture import Computed
 from .core import FORMAT_VERSION, ActivationStore, Entry
 from .distributed import compute_distributed
 from .request import Request, model_fingerprint, model_name, normalise_prompts
@@ -81,6 +82,7 @@ def get_or_compute(
     batch_size: int | str | None = 32,
     system: str | None = None,
     show_progress: bool = True,
+    computed: Computed | None = None,
 ) -> Entry:
     """Activations of ``prompts`` at ``hooks`` and ``positions``, from the store or computed and stored.
 
@@ -100,6 +102,11 @@ def get_or_compute(
             shard whose forward runs out of memory is computed in halves (shard boundaries do not change).
         system: optional system prompt (part of the formatted prompts, hence of the key).
         show_progress: a progress bar over shards (rank 0 only).
+        computed: activations of these prompts from a forward the caller runs anyway (:class:`Computed`): missing
+            hooks are written from them, through the same capture as a forward's (positions, dtype, zeros at
+            padding), instead of from a forward of the store's own, so a caller that needs the forward for
+            something else (logits, a KV cache) runs the prompts once. The entry then holds that forward's
+            values, which may differ from the store's own forward in the last bits, as with another batch size.
 
     Returns:
         An :class:`Entry` whose ``hook_names`` are the requested hooks. Hooks already stored for the same
@@ -108,16 +115,19 @@ def get_or_compute(
 
     Raises:
         WorkbenchError: empty prompts, unknown hook, a position outside a prompt, an unwritable store, a
-            manifest from a newer format version -- before anything is written.
+            manifest from a newer format version, ``computed`` taken on other tokens or lacking a requested
+            hook -- before anything is written.
     """
     if store is None:
         store = ActivationStore()
     elif not isinstance(store, ActivationStore):
         store = ActivationStore(store)
     req = resolve_request(model, prompts, hooks, positions, dtype, batch_size, system)
+    if computed is not None:
+        computed.check(req)
     rank, world, dist = _dist_context()
     if world > 1:
-        return compute_distributed(store, model, req, show_progress, rank, world, dist)
+        return compute_distributed(store, model, req, show_progress, rank, world, dist, computed)
     manifest = store.read_manifest(req.key)
     if manifest is not None and not req.missing(manifest):
         return Entry(store, req.key, manifest, req.hook_names, req.meta)
@@ -126,7 +136,7 @@ def get_or_compute(
         manifest = store.read_manifest(req.key)
         missing = req.missing(manifest)
         if missing:
-            work = WorkDir(store, req)
+            work = WorkDir(store, req, computed)
             plan = work.prepare(model, missing, entry_exists=manifest is not None)
             work.run(model, plan, rank=0, world=1, show_progress=show_progress)
             work.finalize(missing)

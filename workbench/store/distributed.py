@@ -9,6 +9,7 @@ worked). Every rank returns the same :class:`~workbench.store.core.Entry` or rai
 from __future__ import annotations
 
 from ..errors import WorkbenchError
+from .capture import Computed
 from .core import ActivationStore, Entry
 from .request import Request
 from .workdir import WorkDir
@@ -21,8 +22,9 @@ def _broadcast(dist, obj, rank: int):
 
 
 def compute_distributed(store: ActivationStore, model, req: Request, show_progress: bool, rank: int, world: int,
-                        dist) -> Entry:
-    """This rank's part of computing ``req``'s missing hooks, then the entry (the same on every rank)."""
+                        dist, computed: Computed | None = None) -> Entry:
+    """This rank's part of computing ``req``'s missing hooks, then the entry (the same on every rank); with
+    ``computed``, every rank writes its shards from its own copy of them instead of running forwards."""
     keys = [None] * world
     dist.all_gather_object(keys, req.key)
     if len(set(keys)) != 1:
@@ -31,7 +33,7 @@ def compute_distributed(store: ActivationStore, model, req: Request, show_progre
             "software versions"
         )
     lock = None
-    work = WorkDir(store, req)
+    work = WorkDir(store, req, computed)
     payload: tuple = ("ok", [], [])
     if rank == 0:
         try:

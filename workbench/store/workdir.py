@@ -27,7 +27,7 @@ from ..models import model_device
 from ..progress import progress
 from ..provenance import versions
 from . import fileio
-from .capture import ShardCapture, StopForward, model_lock, split_forward
+from .capture import Computed, ShardCapture, StopForward, model_lock, split_forward
 from .core import FORMAT_VERSION, ActivationStore, _hook_file_problem, _row_bytes
 from .request import Request
 from .spec import split_name
@@ -42,8 +42,8 @@ def _now() -> str:
 class WorkDir:
     """The ``.work/<key>/`` directory of one request: staged files, hook data files, progress logs."""
 
-    def __init__(self, store: ActivationStore, req: Request):
-        self.store, self.req = store, req
+    def __init__(self, store: ActivationStore, req: Request, computed: Computed | None = None):
+        self.store, self.req, self.computed = store, req, computed
         self.dir = store.work_path(req.key)
         self.state: dict = {}
 
@@ -119,7 +119,8 @@ class WorkDir:
         return plan
 
     def _row_shapes(self, model, names: list[str]) -> dict[str, list[int]]:
-        """Per-row shape ``[pos, *rest]`` of each hook (from the config for aliases, else from a probe)."""
+        """Per-row shape ``[pos, *rest]`` of each hook (from the config for aliases, else from the computed
+        activations or a probe)."""
         cfg = model.cfg
         n_pos = self.req.batch.input_ids.shape[1] if self.req.positions == "all" else len(self.req.positions)
         dims = {"resid_pre": cfg.d_model, "resid_mid": cfg.d_model, "resid_post": cfg.d_model,
@@ -130,6 +131,8 @@ class WorkDir:
             alias, _ = split_name(n)
             if alias in dims and dims[alias]:
                 out[n] = [n_pos, int(dims[alias])]
+            elif self.computed is not None:
+                out[n] = self.computed.row_shape(n, n_pos)
             else:
                 probe.append(n)
         if probe:
@@ -219,7 +222,9 @@ class WorkDir:
                 for i, need in progress(mine, desc=f"cache {self.req.key[:8]}", enabled=show_progress):
                     a, b = self.rows(i)
                     ids, am = self._batch_rows(a, b, model)
-                    if backoff is None:
+                    if self.computed is not None:
+                        cap.out = self.computed.capture(cap, need, a, b, ids.shape[1])
+                    elif backoff is None:
                         cap.start(need, b - a, ids.shape[1])
                         try:
                             model(ids, attention_mask=am)
