@@ -72,12 +72,12 @@ def refusal_rate(replies: Sequence[str]) -> float:
     return sum(is_refusal(r) for r in replies) / len(replies)
 
 
-def refusal_token_ids(tokenizer, prefixes: Iterable[str] = REFUSAL_PREFIXES) -> list[int]:
-    """First token id of each refusal prefix as it appears at the start of a reply.
+def first_token_ids(tokenizer, prefixes: Iterable[str]) -> list[int]:
+    """The token id of the first word of each prefix as it appears at the start of a reply (sorted, unique).
 
     Both the bare and the space-prefixed spelling are tried, since tokenizers differ on whether the reply's
-    first word carries a leading space. A prefix whose first word is split into several tokens is skipped
-    (its first fragment, e.g. ``"S"`` of ``"Sorry"``, would also start compliant replies such as ``"Sure"``).
+    first word carries a leading space. A first word split into several tokens is skipped (its first fragment,
+    e.g. ``"S"`` of ``"Sorry"``, would also start other replies such as ``"Sure"``). Empty when none is one token.
     """
     ids: set[int] = set()
     for prefix in prefixes:
@@ -86,12 +86,18 @@ def refusal_token_ids(tokenizer, prefixes: Iterable[str] = REFUSAL_PREFIXES) -> 
             toks = tokenizer(text, add_special_tokens=False)["input_ids"]
             if len(toks) == 1 and tokenizer.decode(toks).strip() == word:
                 ids.add(int(toks[0]))
+    return sorted(ids)
+
+
+def refusal_token_ids(tokenizer, prefixes: Iterable[str] = REFUSAL_PREFIXES) -> list[int]:
+    """First token id of each refusal prefix as it appears at the start of a reply (:func:`first_token_ids`)."""
+    ids = first_token_ids(tokenizer, prefixes)
     if not ids:
         raise ValueError(
             "no refusal token ids could be derived from the tokenizer: none of the refusal prefixes' first words "
             f"is a single token ({sorted({p.split()[0] for p in prefixes})})"
         )
-    return sorted(ids)
+    return ids
 
 
 def refusal_score(

@@ -88,13 +88,14 @@ def cmd_compute(a: argparse.Namespace) -> dict:
     if a.prompts:
         prompts = _read_prompts(a.prompts)
     else:
-        from ..data import organism_rows
+        from ..promptsets import load_data
 
-        rows = organism_rows(a.split)
+        data = load_data(a.data)
+        rows = data.rows_of(a.split)
         if a.category:
             rows = [r for r in rows if r.get("category") == a.category]
             if not rows:
-                raise WorkbenchError(f"no prompts of category {a.category!r} in split {a.split!r}")
+                raise WorkbenchError(f"no prompts of category {a.category!r} in split {a.split!r} of {data.source}")
         prompts = rows
     if a.limit is not None:
         prompts = prompts[:a.limit]
@@ -143,10 +144,12 @@ def register(sub, bench_sub) -> None:
     c = csub.add_parser("compute", help="compute (or find) the activations of a prompt split")
     add_common_args(c)
     _root(c)
-    c.add_argument("--split", default="test", choices=["train", "val", "test"], help="organism split (default test)")
+    c.add_argument("--data", default="organism", help="prompt data: 'organism' (default) or a prompt file with "
+                   "prompt and category columns (see workbench.promptsets)")
+    c.add_argument("--split", default="test", choices=["train", "val", "test"], help="split of --data (default test)")
     c.add_argument("--category", default=None, help="only this category of the split (harmful, benign...)")
     c.add_argument("--prompts", default=None, help="a .jsonl file with a 'prompt' field (other fields kept as "
-                   "metadata) or a text file with one prompt per line, instead of an organism split")
+                   "metadata) or a text file with one prompt per line, instead of a split of --data")
     c.add_argument("--limit", type=int, default=None, help="at most this many prompts")
     c.add_argument("--hooks", default="resid_pre", help="comma-separated hook names or aliases, e.g. "
                    "'resid_pre,mlp_out.3,blocks.2.hook_attn_out' (default resid_pre: every layer)")

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..errors import WorkbenchError
-from ..judge import refusal_score, refusal_token_ids
+from ..judge import first_token_ids, refusal_score, refusal_token_ids
 
 #: Replies that comply start with one of these; first words that are single tokens give the compliance ids.
 COMPLIANCE_PREFIXES: tuple[str, ...] = ("Sure", "Certainly", "Of course", "Here", "Absolutely", "Yes", "Okay", "Step")
@@ -34,18 +34,12 @@ class Metric:
 
 
 def compliance_token_ids(tokenizer, prefixes: Iterable[str] = COMPLIANCE_PREFIXES) -> list[int]:
-    """First token ids of compliant reply openings (single-token first words only, bare or space-prefixed)."""
-    ids: set[int] = set()
-    for prefix in prefixes:
-        word = prefix.split()[0]
-        for text in (word, " " + word):
-            toks = tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(toks) == 1 and tokenizer.decode(toks).strip() == word:
-                ids.add(int(toks[0]))
+    """First token ids of compliant reply openings (:func:`workbench.judge.first_token_ids`)."""
+    ids = first_token_ids(tokenizer, prefixes)
     if not ids:
         raise WorkbenchError(f"no compliance token ids: none of {sorted({p.split()[0] for p in prefixes})} is a "
                              "single token of this tokenizer; use metric='refusal_score'")
-    return sorted(ids)
+    return ids
 
 
 def make_metric(model_or_tokenizer, metric: str | Metric | Callable = "refusal_score",
