@@ -49,6 +49,10 @@ SITES: dict[str, str] = {
 }
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def check_layers(layers: Iterable[int] | int | None, n_layers: int, *, negative: bool = False, sort: bool = False,
                  context: str = "") -> list[int]:
     """The one layer validator: layers of a model with ``n_layers`` blocks.
@@ -113,10 +117,6 @@ POSITION_ALIASES: dict[str, str] = {"post": "post_instruction"}
 _LAST_K_RE = re.compile(r"^last_k\s*[\(\[:=]\s*(\d+)\s*\)?\]?$")
 _EXPECTED = ("positions must be 'last', 'post_instruction', 'all', 'last_k(k)' / ('last_k', k), or negative "
              "offsets from the end such as -1 or [-3, -1] (-1 is the last token)")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def normalize_positions(positions: Positions) -> str | tuple:
