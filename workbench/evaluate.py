@@ -229,7 +229,7 @@ def reply_cross_entropy(
         n_prompt = batch.input_ids.shape[1]
         hooks = []
         if plan is not None:
-            hooks, _ = plan.hooks_for(model, batch, start=n_prompt - 1)
+            hooks, _ = plan.hooks_for(model, batch, positions=("last_k", ids.shape[1] - n_prompt + 1))
         with torch.no_grad(), model.hooks(fwd_hooks=hooks):
             logits = model(ids, attention_mask=mask)
         logp = torch.log_softmax(logits[:, n_prompt - 1:-1].float(), -1)

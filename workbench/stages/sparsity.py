@@ -30,13 +30,13 @@ import pandas as pd
 import torch
 
 from ..errors import WorkbenchError
-from ..sparsity.direction import direction_alignment, direction_sparsity, direction_vector, neuron_cosines
+from ..directions.artifact import as_vector
+from ..sparsity.direction import direction_alignment, direction_sparsity, neuron_cosines
 from ..sparsity.heldout import heldout_text
 from ..sparsity.neurons import DEFAULT_NS, ablation_curve, differential_neurons_for
 from ..sparsity.ppl import ppl_sparsity
 from ..sparsity.stats import DEFAULT_THRESHOLD, DEFAULT_THRESHOLDS, channel_thresholds, mlp_entry, sparsity_by_category
 from ..sparsity.topk import DEFAULT_K_FRACTIONS, topk_sweep
-from ..vocab import hook_name
 from .base import Result, Stage
 
 STEPS = ("stats", "ppl", "topk", "neurons", "direction")
@@ -85,22 +85,14 @@ def _r(x, nd: int = 4):
     return None if x is None else round(float(x), nd)
 
 
-def diff_in_means_last(model, harmful, harmless, layer: int, store=None, batch_size: int = 32,
+def diff_in_means_last(model, harmful, benign, layer: int, store=None, batch_size: int = 32,
                        show_progress: bool = False) -> torch.Tensor:
-    """``Float[Tensor, "d_model"]``: mean ``resid_pre`` of ``layer`` at the last position, harmful - harmless
-    (streamed from store entries, float64)."""
-    from ..store import get_or_compute
+    """``Float[Tensor, "d_model"]``: mean ``resid_pre`` of ``layer`` at the last position, harmful - benign
+    (:func:`workbench.directions.diff_in_means` through the store, float64 means)."""
+    from ..directions import candidate_directions
 
-    means = []
-    for prompts in (harmful, harmless):
-        e = get_or_compute(model, list(prompts), hooks=f"resid_pre.{layer}", positions="last", store=store,
-                           batch_size=batch_size, show_progress=show_progress)
-        s, n = None, 0
-        for _, x in e.iter_shards(hook_name("resid_pre", layer)):
-            v = x[:, -1].double().sum(0)
-            s, n = (v if s is None else s + v), n + x.shape[0]
-        means.append(s / n)
-    return (means[0] - means[1]).float()
+    return candidate_directions(model, harmful, benign, store=store, batch_size=batch_size, positions="last",
+                                layers=[layer], show_progress=show_progress).vector(layer, -1).float()
 
 
 def heldout_rows(model, data, cfg: SparsityConfig, show_progress: bool = False) -> tuple[list[dict], str]:
@@ -228,7 +220,7 @@ def sparsity_report(model, data, config: SparsityConfig | None = None, direction
         truth = ground_truth_of(model)
         gt = (truth[1], truth[0]) if truth is not None else None  # (vector, layer)
         if direction is not None:
-            dirs["given"] = (direction_vector(direction, d_model=int(model.cfg.d_model)).float(),
+            dirs["given"] = (as_vector(direction, d_model=int(model.cfg.d_model)).float(),
                              getattr(direction, "layer", None))
         else:
             if gt is not None:

@@ -65,19 +65,18 @@ def run_comparison(model, direction, data, cc: CompareConfig | None = None,
     cc = cc or CompareConfig()
     if direction.layer is None:
         raise WorkbenchError("the steering direction needs a layer (a Direction from find_refusal_direction)")
-    vec = direction.vector.float()
-    if vec.ndim != 1:
-        raise WorkbenchError(f"the steering direction must be one vector, got shape {tuple(vec.shape)}")
+    if direction.vector.ndim != 1:
+        raise WorkbenchError(f"the steering direction must be one vector, got shape {tuple(direction.vector.shape)}")
+    alpha_unit = float(direction.vector.float().norm())
     for split in ("train", "val", "test"):
         data.require(split, "harmful", "benign")
     splits = {s: data.split(s, CATEGORIES) for s in ("train", "val", "test")}
-    centroid = embedding_centroid(model).vector.float()
-    res = compare_methods(model, vec / vec.norm(), int(direction.layer), splits["train"], splits["val"],
-                          splits["test"], alpha_unit=float(vec.norm()), centroid_direction=centroid, cc=cc,
+    res = compare_methods(model, direction, int(direction.layer), splits["train"], splits["val"], splits["test"],
+                          alpha_unit=alpha_unit, centroid_direction=embedding_centroid(model), cc=cc,
                           show_progress=show_progress)
     summary = {"methods": res["methods"], "choices": res["choices"],
                "direction": {"layer": direction.layer, "position": direction.position, "method": direction.method,
-                             "alpha_unit": round(float(vec.norm()), 4)},
+                             "alpha_unit": round(alpha_unit, 4)},
                "config": asdict(cc)}
     return SteeringResult(summary, {}, res)
 

@@ -27,8 +27,7 @@ def hook_name(alias: str, layer: int) -> str:
 
 
 def steering_hooks(
-    coeffs: Tensor, direction: Tensor, hook: str = "resid_pre", positions: Positions = "last", *,
-    start: int | None = None,
+    coeffs: Tensor, direction: Tensor, hook: str = "resid_pre", positions: Positions = "last",
 ) -> list[tuple[str, Callable]]:
     """Hooks adding ``coeffs[b, l] * direction`` to layer ``l``'s residual stream of row ``b``.
 
@@ -40,14 +39,10 @@ def steering_hooks(
             forward). The default ``"last"`` is the last prompt token in the prefill and the new token in each
             cached step; ``("last_k", n_reply + 1)`` steers a teacher-forced forward over prompt + reply exactly as
             generation is; ``"all"`` edits every position (ActAdd-style).
-        start: the old spelling, an absolute index: the positions edited are ``start:`` (``-1`` = ``"last"``,
-            ``0`` = ``"all"``); overrides ``positions`` when given.
     """
     if coeffs.ndim != 2:
         raise WorkbenchError(f"coeffs must be [batch, n_layers], got shape {tuple(coeffs.shape)}")
-    if start is not None and (isinstance(start, bool) or not isinstance(start, int)):
-        raise WorkbenchError(f"start must be an int (the first position edited), got {start!r}")
-    cols = slice(start, None) if start is not None else position_index(positions)
+    cols = position_index(positions)
 
     def make(layer: int) -> Callable:
         def fn(act: Tensor, hook=None) -> Tensor:

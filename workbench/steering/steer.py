@@ -74,11 +74,11 @@ class SteeringPlan:
     coeffs: Callable[[object, ChatBatch], tuple[Tensor, dict]]
     hook: str = "resid_pre"
 
-    def hooks_for(self, model, batch: ChatBatch, positions: Positions = "last", *, start: int | None = None):
-        """Hooks for ``batch`` (and per-row info); ``positions`` (or the old ``start``): the positions steered
+    def hooks_for(self, model, batch: ChatBatch, positions: Positions = "last"):
+        """Hooks for ``batch`` (and per-row info); ``positions``: the positions steered
         (see :func:`~workbench.steering.hooks.steering_hooks`)."""
         coeffs, info = self.coeffs(model, batch)
-        return steering_hooks(coeffs, self.direction, self.hook, positions, start=start), info
+        return steering_hooks(coeffs, self.direction, self.hook, positions), info
 
 
 def controller_plan(controller: Controller, direction: Tensor, name: str = "was") -> SteeringPlan:
