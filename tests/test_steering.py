@@ -247,3 +247,24 @@ def test_train_e2e_detection_term_separates_scales(tiny_model, direction):
     with torch.no_grad():
         s, _ = ctrl(data.inputs)
     assert float(s[:len(HARM)].min()) > float(s[len(HARM):].max())
+
+
+@pytest.mark.parametrize("pooling", ["last", "post_instruction_mean"])
+def test_controller_inputs_from_the_store_equal_clean_prefills(tiny_model, tmp_path, pooling):
+    """The controller's training inputs read from the activation store (one entry per category) equal the ones
+    its own clean prefills give, and a category another stage already cached is read, not computed again."""
+    from workbench.directions import activation_entry
+    from workbench.store import ActivationStore
+
+    n = int(tiny_model.cfg.n_layers)
+    cfg = ControllerConfig(d_model=int(tiny_model.cfg.d_model), n_layers=n, input_layers=[0, n - 1], pooling=pooling)
+    store = ActivationStore(tmp_path / "store")
+    activation_entry(tiny_model, HARM, store=store, show_progress=False)   # as the directions stage caches it
+    files = sorted(p for p in store.root.rglob("*") if p.is_file())
+    live = build_training_set(tiny_model, HARM, BEN, cfg, show_progress=False)
+    stored = build_training_set(tiny_model, {"harmful": HARM}, {"benign": BEN}, cfg, show_progress=False,
+                                store=store)
+    assert stored.prompts == live.prompts and torch.equal(stored.labels, live.labels)
+    torch.testing.assert_close(stored.inputs, live.inputs, rtol=0, atol=1e-5)
+    assert len(store.keys()) == 2   # the harmful entry was reused; only the benign one is new
+    assert all(p in sorted(q for q in store.root.rglob("*") if q.is_file()) for p in files)

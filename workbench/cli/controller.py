@@ -32,7 +32,7 @@ def _compare(a: argparse.Namespace, methods: tuple[str, ...] | None):
         cc = dataclasses.replace(cc, methods=methods)
     model, data, store = load_inputs(a)
     direction = resolve_direction(model, data, a.direction, store, show_progress=not a.quiet)
-    return run_comparison(model, direction, data, cc, show_progress=not a.quiet), data
+    return run_comparison(model, direction, data, cc, show_progress=not a.quiet, store=store), data
 
 
 def _train(a: argparse.Namespace) -> dict:

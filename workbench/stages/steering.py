@@ -56,9 +56,9 @@ class SteeringResult(Result):
 
 
 def run_comparison(model, direction, data, cc: CompareConfig | None = None,
-                   show_progress: bool = True) -> SteeringResult:
+                   show_progress: bool = True, store=None) -> SteeringResult:
     """Train and evaluate every method of ``cc.methods`` along ``direction`` (a Direction with a layer) on
-    ``data``'s standard categories."""
+    ``data``'s standard categories; the controllers' training inputs come from ``store`` when given."""
     from ..data import CATEGORIES
     from ..directions import embedding_centroid
 
@@ -73,7 +73,7 @@ def run_comparison(model, direction, data, cc: CompareConfig | None = None,
     splits = {s: data.split(s, CATEGORIES) for s in ("train", "val", "test")}
     res = compare_methods(model, direction, int(direction.layer), splits["train"], splits["val"], splits["test"],
                           alpha_unit=alpha_unit, centroid_direction=embedding_centroid(model), cc=cc,
-                          show_progress=show_progress)
+                          show_progress=show_progress, store=store)
     summary = {"methods": res["methods"], "choices": res["choices"],
                "direction": {"layer": direction.layer, "position": direction.position, "method": direction.method,
                              "alpha_unit": round(alpha_unit, 4)},
@@ -92,7 +92,7 @@ class SteeringStage(Stage):
         from ..directions import Direction
 
         direction = Direction.load(inputs["directions"] / "direction", model=model)
-        return run_comparison(model, direction, data, config, show_progress)
+        return run_comparison(model, direction, data, config, show_progress, store=store)
 
     def figures(self, result: SteeringResult):
         from .. import plots

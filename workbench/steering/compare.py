@@ -129,6 +129,7 @@ def compare_methods(
     centroid_direction=None,
     cc: CompareConfig | None = None,
     show_progress: bool = True,
+    store=None,
 ) -> dict:
     """Train WAS controllers, tune baselines on ``val`` and evaluate everything on ``test``.
 
@@ -139,6 +140,8 @@ def compare_methods(
         alpha_unit: the natural steering magnitude (e.g. the harmful-minus-benign mean projection at
             ``layer``); every ``α`` below is a multiple of it.
         centroid_direction: the embedding-centroid direction (Direction or tensor) for ``official_equivalent``.
+        store: read the controllers' training inputs from this activation store (one entry per train category,
+            so prompts other stages cached are not run again); ``None``: clean prefills here.
 
     Returns:
         ``{"methods": {name: {"refusal_rate": {...}, "kl_benign": x, "ce_benign": x, "ce_benign_delta": x}},
@@ -151,9 +154,15 @@ def compare_methods(
     d = as_vector(direction, model, normalize=True)
     in_layers = cc.input_layers or list(range(max(0, n - 4), n))
     harmful, benign, n_wrapped = training_prompts(train, cc.wrapped_negatives, cc.seed)
+    # the same prompts in the same order, grouped by category (one store entry each)
+    harmful_groups = {c: list(train[c]) for c in HARMFUL_LIKE if train.get(c)}
+    benign_groups = {c: list(train[c]) for c in BENIGN_LIKE if train.get(c)}
+    if n_wrapped:
+        benign_groups["wrapped"] = benign[len(benign) - n_wrapped:]
     base_cfg = dict(d_model=int(model.cfg.d_model), n_layers=n, input_layers=in_layers, hidden=cc.hidden,
                     pooling=cc.pooling)
-    data = build_training_set(model, harmful, benign, ControllerConfig(**base_cfg), show_progress=show_progress)
+    data = build_training_set(model, harmful_groups, benign_groups, ControllerConfig(**base_cfg),
+                              show_progress=show_progress, store=store)
 
     plans: dict[str, SteeringPlan | None] = {}
     choices: dict = {"n_wrapped_negatives": n_wrapped}
@@ -179,8 +188,8 @@ def compare_methods(
         elif name == "cast":
             cond_layer = layer
             cast_data = TrainingSet(data.prompts, data.labels, build_training_set(
-                model, harmful, benign, ControllerConfig(**{**base_cfg, "input_layers": [cond_layer]}),
-                show_progress=False).inputs, data.batch)
+                model, harmful_groups, benign_groups, ControllerConfig(**{**base_cfg, "input_layers": [cond_layer]}),
+                show_progress=False, store=store).inputs, data.batch)
             thr, f1 = fit_cast_threshold(cast_data, d)
             a = choices.get("actadd_alpha", 1.0)
             choices.update(cast_threshold=thr, cast_f1=f1, cast_layer=cond_layer, cast_alpha=a)

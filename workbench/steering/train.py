@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +27,7 @@ from ..errors import WorkbenchError
 from ..judge import refusal_score, refusal_token_ids
 from ..models import fingerprint, model_device
 from ..progress import progress
-from .controller import Controller, ControllerConfig, direction_fingerprint
+from .controller import POOLING_POSITIONS, Controller, ControllerConfig, direction_fingerprint
 from .hooks import steering_hooks
 from .steer import controller_inputs
 
@@ -50,19 +50,53 @@ def _check_sets(harmful: Sequence[str], benign: Sequence[str]) -> None:
         raise WorkbenchError(f"controller training needs both classes; the {empty} set is empty (single-class)")
 
 
-def build_training_set(model, harmful: Sequence[str], benign: Sequence[str], cfg: ControllerConfig,
-                       batch_size: int = 64, show_progress: bool = True) -> TrainingSet:
+def build_training_set(model, harmful, benign, cfg: ControllerConfig, batch_size: int = 64,
+                       show_progress: bool = True, store=None) -> TrainingSet:
     """Tokenise with the chat template (generation prompt included, as steering uses) and read the
-    controller inputs in clean prefills."""
+    controller inputs in clean prefills.
+
+    ``harmful`` / ``benign``: prompt lists, or ``{group: prompts}`` (e.g. by category; concatenated in order).
+    With ``store`` the inputs come from the activation store (:func:`stored_controller_inputs`, one entry per
+    group, so the harmful and benign train prompts other stages cached are read, not recomputed).
+    """
+    groups_h = dict(harmful) if isinstance(harmful, Mapping) else {"harmful": list(harmful)}
+    groups_b = dict(benign) if isinstance(benign, Mapping) else {"benign": list(benign)}
+    harmful = [p for ps in groups_h.values() for p in ps]
+    benign = [p for ps in groups_b.values() for p in ps]
     _check_sets(harmful, benign)
-    prompts = list(harmful) + list(benign)
+    prompts = harmful + benign
     labels = torch.tensor([1.0] * len(harmful) + [0.0] * len(benign))
     batch = tokenize_chat(model.tokenizer, prompts)
+    if store is not None:
+        groups = [ps for ps in list(groups_h.values()) + list(groups_b.values()) if len(ps)]
+        inputs = torch.cat([stored_controller_inputs(model, ps, cfg, store, show_progress) for ps in groups])
+        return TrainingSet(prompts, labels, inputs, batch)
     xs = []
     for s in progress(range(0, len(prompts), batch_size), "controller inputs", show_progress):
         sub = _rows(batch, slice(s, s + batch_size))
         xs.append(controller_inputs(model, sub, cfg.input_layers, cfg.input_hook, cfg.pooling))
     return TrainingSet(prompts, labels, torch.cat(xs), batch)
+
+
+def stored_controller_inputs(model, prompts: Sequence[str], cfg: ControllerConfig, store,
+                             show_progress: bool = False) -> Tensor:
+    """``Float[Tensor, "prompt n_input_layers d_model"]``: the controller inputs of ``prompts`` read from the
+    activation store (``cfg.input_hook`` of ``cfg.input_layers`` at the post-instruction positions, pooled as
+    ``cfg.pooling``: the last position or their mean), computed and stored when missing. Equal to
+    :func:`controller_inputs` up to the last bits (the store batches prompts its own way)."""
+    from ..store import get_or_compute
+    from ..vocab import hook_name
+
+    if cfg.pooling not in POOLING_POSITIONS:
+        raise WorkbenchError(f"unknown pooling {cfg.pooling!r}; expected one of {sorted(POOLING_POSITIONS)}")
+    layers = list(cfg.input_layers)
+    entry = get_or_compute(model, list(prompts), hooks=(cfg.input_hook, layers), positions="post_instruction",
+                           store=store, show_progress=show_progress)
+    out = []
+    for layer in layers:
+        acts = entry.activations(hook_name(cfg.input_hook, layer))
+        out.append(acts[:, -1].float() if POOLING_POSITIONS[cfg.pooling] == "last" else acts.float().mean(1))
+    return torch.stack(out, dim=1)
 
 
 def _rows(batch: ChatBatch, idx) -> ChatBatch:
