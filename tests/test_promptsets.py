@@ -146,3 +146,51 @@ def test_run_on_a_prompt_file_reuses_stages_and_recomputes_only_what_changed(pro
     assert again["reused"] == ["evaluate", "directions", "patching", "sparsity", "steering"]
     changed = run_main_job(cfg(e2e_steps=3))   # only the steering config changed: only steering recomputes
     assert changed["reused"] == ["evaluate", "directions", "patching", "sparsity"]
+
+
+def test_cli_evaluate_under_a_saved_direction_or_controller_and_keeping_file_categories(prompt_file, tiny_dir,
+                                                                                         tmp_path, capsys):
+    """``workbench evaluate --direction D --intervention ablate|actadd`` and ``--controller C`` steer exactly like
+    the library's hooks and plan on the same prompts; ``--dataset FILE`` keeps the file's categories."""
+    import pandas as pd
+    import torch
+
+    from workbench import load_model
+    from workbench.cli import main
+    from workbench.directions import Direction, ablation_hooks, actadd_hooks
+    from workbench.evaluate import evaluate_refusal
+    from workbench.steering.controller import Controller, ControllerConfig, save_controller
+    from workbench.steering.steer import controller_plan
+
+    model = load_model(str(tiny_dir), device="cpu")
+    n, d_model = int(model.cfg.n_layers), int(model.cfg.d_model)
+    vec = torch.randn(d_model, generator=torch.Generator().manual_seed(0)) * 4
+    Direction.from_vector(model, vec, layer=1, position=-1, method="test").save(tmp_path / "direction")
+    test = {"harmful": [f"{p} (test)" for p in HARMFUL], "benign": [f"{p} (test)" for p in BENIGN]}
+    base = ["--model", str(tiny_dir), "--device", "cpu", "--data", str(prompt_file), "--max-new-tokens", "4",
+            "--quiet", "--json"]
+    for kind, hooks in (("ablate", ablation_hooks(model, vec)), ("actadd", actadd_hooks(model, vec, layers=1))):
+        save = tmp_path / f"{kind}.jsonl"
+        assert main(["evaluate", *base, "--direction", str(tmp_path / "direction"), "--intervention", kind,
+                     "--save", str(save)]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["intervention"]["kind"] == kind and out["n"] == {"harmful": 6, "benign": 6}
+        ref = evaluate_refusal(model, test, max_new_tokens=4, fwd_hooks=hooks, show_progress=False).table
+        assert list(pd.read_json(save, lines=True)["reply"]) == list(ref["reply"])
+    torch.manual_seed(0)
+    cfg = ControllerConfig(d_model=d_model, n_layers=n, input_layers=[n - 1], alpha=3.0)
+    ctrl = Controller(cfg)
+    unit_vec = vec / vec.norm()
+    save_controller(ctrl, unit_vec, tmp_path / "ctrl")
+    assert main(["evaluate", *base, "--controller", str(tmp_path / "ctrl"), "--save", str(tmp_path / "c.jsonl")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["intervention"]["controller"] == str(tmp_path / "ctrl")
+    ref = evaluate_refusal(model, test, max_new_tokens=4, plan=controller_plan(ctrl, unit_vec, "c"),
+                           show_progress=False).table
+    assert list(pd.read_json(tmp_path / "c.jsonl", lines=True)["reply"]) == list(ref["reply"])
+    assert main(["evaluate", *base, "--direction", str(tmp_path / "direction"), "--controller",
+                 str(tmp_path / "ctrl")]) == 2
+    # a file's category column is kept (it used to collapse into one category named after the file)
+    assert main(["evaluate", "--model", str(tiny_dir), "--device", "cpu", "--dataset", str(prompt_file),
+                 "--max-new-tokens", "2", "--quiet", "--json", "--limit", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == {"harmful": 3, "benign": 3}
