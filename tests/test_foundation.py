@@ -252,10 +252,8 @@ def test_positions_one_spelling():
 
 
 def test_resolve_positions_offsets_and_labels():
-    from workbench.store.spec import canonical_positions
     from workbench.vocab import resolve_positions
 
-    assert canonical_positions is resolve_positions
     assert resolve_positions("last") == ([-1], "last")
     assert resolve_positions("post_instruction", 5) == ([-5, -4, -3, -2, -1], "post_instruction")
     assert resolve_positions("post", 4) == ([-4, -3, -2, -1], "post_instruction")

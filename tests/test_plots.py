@@ -22,7 +22,7 @@ def scores():
         for pos in (-2, -1):
             rows.append({"layer": layer, "position": pos, "bypass_score": layer * 10 + pos,
                          "induce_score": 1.0 - layer + pos, "kl": 0.01 * layer, "passes": layer < 2,
-                         "base_harmful_score": 5.0, "base_harmless_score": -3.0})
+                         "base_harmful_score": 5.0, "base_benign_score": -3.0})
     return pd.DataFrame(rows)
 
 

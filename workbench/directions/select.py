@@ -147,7 +147,7 @@ def score_candidates(
 
     Returns:
         One row per candidate: ``layer``, ``position``, ``norm``, ``bypass_score``, ``induce_score``, ``kl``,
-        ``base_harmful_score``, ``base_harmless_score`` (of the benign prompts; the column name the plots and
+        ``base_harmful_score``, ``base_benign_score`` (of the benign prompts; the column name the plots and
         reports read), and the filter columns ``pass_induce``, ``pass_kl``, ``pass_layer``, ``passes``. Zero candidates (identical means, e.g. layer 0 at template positions) get
         NaN scores and never pass.
     """
@@ -206,7 +206,7 @@ def score_candidates(
         "kl": full(kl),
     })
     df["base_harmful_score"] = float(refusal_score(base_h, ref_ids).mean())
-    df["base_harmless_score"] = float(refusal_score(base_b, ref_ids).mean())
+    df["base_benign_score"] = float(refusal_score(base_b, ref_ids).mean())
     return apply_filters(df, n_layers, cfg)
 
 

@@ -23,8 +23,8 @@ from .style import DIVERGING, SEQUENTIAL, TOP_LEGEND, color_map, ordered, styled
 
 SCORE_LABELS = {
     "bypass_score": "bypass score (harmful, direction ablated)",
-    "induce_score": "induce score (harmless, direction added)",
-    "kl": "KL(base || ablated), harmless",
+    "induce_score": "induce score (benign, direction added)",
+    "kl": "KL(base || ablated), benign",
     "cos": "cosine",
     "norm": "norm of the candidate",
 }
@@ -107,7 +107,7 @@ def bypass_induce_scatter(scores: pd.DataFrame, selected: tuple[int, int] | None
 
     Args:
         scores: columns ``layer``, ``position``, ``bypass_score``, ``induce_score``; optional ``passes`` (then
-            two traces: passing circles, failing crosses) and ``base_harmful_score`` / ``base_harmless_score``
+            two traces: passing circles, failing crosses) and ``base_harmful_score`` / ``base_benign_score``
             (dashed reference lines: the unsteered model).
         selected: ``(layer, position)`` of the selected candidate, drawn as a star (one more trace).
     """
@@ -146,9 +146,9 @@ def bypass_induce_scatter(scores: pd.DataFrame, selected: tuple[int, int] | None
     if "base_harmful_score" in df.columns:
         fig.add_vline(x=float(df["base_harmful_score"].iloc[0]), line_dash="dash", line_color="#d62728",
                       annotation_text="harmful, no intervention", annotation_position="top left")
-    if "base_harmless_score" in df.columns:
-        fig.add_hline(y=float(df["base_harmless_score"].iloc[0]), line_dash="dash", line_color="#1f77b4",
-                      annotation_text="harmless, no intervention", annotation_position="bottom right")
+    if "base_benign_score" in df.columns:
+        fig.add_hline(y=float(df["base_benign_score"].iloc[0]), line_dash="dash", line_color="#1f77b4",
+                      annotation_text="benign, no intervention", annotation_position="bottom right")
     return styled(fig, "Candidate directions: bypass vs induce", SCORE_LABELS["bypass_score"],
                   SCORE_LABELS["induce_score"], legend=TOP_LEGEND, margin=dict(t=90), width=720, height=580)
 

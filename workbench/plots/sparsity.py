@@ -4,7 +4,7 @@ The module did not exist when this was written, so each function documents the l
 expects and takes the column names as arguments (defaults below), checking them with a clear error:
 
 * :func:`sparsity_by_layer` -- ``layer``, ``sparsity`` (fraction of MLP hidden activations that are zero or
-  below the threshold), optional ``category`` (harmful / harmless / jailbreak), optional ``threshold``.
+  below the threshold), optional ``category`` (harmful / benign / jailbreak), optional ``threshold``.
 * :func:`ppl_sparsity_curve` -- ``sparsity``, ``ppl_increase_pct`` (loss / perplexity increase in % when the
   activations below a threshold are zeroed), optional ``scope`` (``overall``, ``layer 3`` ...) and ``threshold``.
 * :func:`neuron_ablation_curve` -- ``n_ablated``, ``value``, ``selection`` (``differential`` / ``random``),

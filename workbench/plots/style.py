@@ -19,7 +19,6 @@ COLORS: dict[str, str] = {
     "harmful": "#d62728",
     "jailbreak": "#9467bd",
     "benign": "#1f77b4",
-    "harmless": "#1f77b4",
     "borderline": "#ff7f0e",
     # steering methods
     "none": "#7f7f7f",
@@ -44,7 +43,7 @@ PALETTE: tuple[str, ...] = (
 )
 
 #: Preferred order of categories and methods in legends and groupings; others follow in order of appearance.
-CATEGORY_ORDER: tuple[str, ...] = ("harmful", "jailbreak", "borderline", "benign", "harmless")
+CATEGORY_ORDER: tuple[str, ...] = ("harmful", "jailbreak", "borderline", "benign")
 METHOD_ORDER: tuple[str, ...] = ("none", "actadd", "actadd_layer", "cast", "official_equivalent", "was_bce", "was_e2e")
 
 #: A horizontal legend above the plot area, right-aligned (for figures whose right side holds a colour bar).

@@ -10,7 +10,7 @@ Quick start::
     from workbench import sparsity as ws
 
     model = wb.load_model()                                         # the organism
-    sets = {"harmful": wb.organism_prompts("test", "harmful"), "harmless": wb.organism_prompts("test", "benign"),
+    sets = {"harmful": wb.organism_prompts("test", "harmful"), "benign": wb.organism_prompts("test", "benign"),
             "jailbreak": wb.organism_prompts("test", "jailbreak")}
     cal = ws.mlp_entry(model, wb.organism_prompts("train", "benign"))     # store entry, positions="all"
     chess = ws.channel_thresholds(cal, quantile=0.5)                  # CHESS per-channel thresholds

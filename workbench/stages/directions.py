@@ -113,7 +113,7 @@ class DirectionsStage(Stage):
         summary["kl_benign_ablated"] = round(mean_kl(model, b_te, abl, sel_cfg.batch_size), 5)
         summary["scores"] = {k: (round(float(d.scores[k]), 4) if d.scores.get(k) is not None else None)
                              for k in ("bypass_score", "induce_score", "kl", "norm", "base_harmful_score",
-                                       "base_harmless_score")}
+                                       "base_benign_score")}
         summary["n"] = {"train": [len(h_tr), len(b_tr)], "val": [len(h_va), len(b_va)],
                         "test": [len(h_te), len(b_te)]}
         d.meta["test"] = {k: v for k, v in summary.items() if k not in ("scores", "n")}

@@ -17,9 +17,9 @@ for how they are computed.
 from .capture import Computed
 from .compute import entry_key, get_or_compute, resolve_request
 from .core import FORMAT_VERSION, ActivationStore, Entry, default_root
-from .spec import ALIASES, canonical_positions, resolve_hooks
+from .spec import ALIASES, resolve_hooks
 
 __all__ = [
-    "ALIASES", "ActivationStore", "Computed", "Entry", "FORMAT_VERSION", "canonical_positions", "default_root",
+    "ALIASES", "ActivationStore", "Computed", "Entry", "FORMAT_VERSION", "default_root",
     "entry_key", "get_or_compute", "resolve_hooks", "resolve_request",
 ]

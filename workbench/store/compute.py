@@ -38,7 +38,8 @@ from .capture import Computed
 from .core import FORMAT_VERSION, ActivationStore, Entry
 from .distributed import compute_distributed
 from .request import Request, model_fingerprint, model_name, normalise_prompts
-from .spec import canonical_positions, check_positions, resolve_hooks
+from ..vocab import resolve_positions
+from .spec import check_positions, resolve_hooks
 from .workdir import WorkDir
 
 
@@ -65,7 +66,7 @@ def resolve_request(model, prompts, hooks=("resid_pre",), positions="post_instru
     dt = fileio.dtype_name(resolve_dtype(dtype))
     batch = tokenize_chat(model.tokenizer, raw, system=system)
     batch_size = fixed or auto_batch_size(model, int(batch.input_ids.shape[1]), n_rows=len(raw))
-    pos, label = canonical_positions(positions, batch.n_post)
+    pos, label = resolve_positions(positions, batch.n_post)
     check_positions(pos, batch.lengths, raw, positions)
     fp = model_fingerprint(model)
     return Request(raw, meta, batch, hook_names, pos, label, dt, batch_size, system, fp, model_name(model),

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import WorkbenchError
-from ..vocab import SITES, Positions, check_layers, resolve_positions
+from ..vocab import SITES, Positions, check_layers
 
 #: alias -> TransformerLens name template, in forward order inside a block (:data:`workbench.vocab.SITES`
 #: without the per-head ``z``, which the store does not cache).
@@ -170,9 +170,6 @@ def alias_names(names: Sequence[str], alias: str) -> list[tuple[int, str]]:
             out.append((layer, n))
     return sorted(out)
 
-
-#: the store's name for :func:`workbench.vocab.resolve_positions`: ``(positions, n_post) -> (offsets or "all", label)``
-canonical_positions = resolve_positions
 
 
 def check_positions(positions: list[int] | str, lengths: torch.Tensor, prompts: Sequence[str], spec) -> None:
