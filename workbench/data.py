@@ -33,6 +33,15 @@ def read_jsonl(path: str | Path, what: str = "prompt file") -> list:
         return parse_jsonl(fh, path)
 
 
+def write_jsonl(path: str | Path, rows: Iterable) -> None:
+    """Write ``rows`` as JSONL (one sorted-key JSON object per line, UTF-8), creating the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n")
+
+
 def organism_rows(split: str = "test") -> list[dict]:
     """All rows of one organism split (``train``, ``val`` or ``test``)."""
     if split not in SPLITS:

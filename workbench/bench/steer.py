@@ -13,6 +13,7 @@ import time
 import torch
 
 from ..chat import tokenize_chat
+from ..directions.artifact import unit
 from ..generation import generate_batch
 from ..steering.controller import Controller, ControllerConfig
 from ..steering.steer import controller_plan
@@ -35,7 +36,7 @@ def bench_steer_model(model, prompts: list[str], max_new_tokens: int = 24, repea
     torch.manual_seed(0)
     ctrl = Controller(ControllerConfig(d_model=d, n_layers=n, input_layers=list(range(max(0, n - 4), n)), alpha=1.0))
     direction = torch.randn(d)
-    plan = controller_plan(ctrl, direction / direction.norm())
+    plan = controller_plan(ctrl, unit(direction))
     fixed = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
     batch = tokenize_chat(model.tokenizer, prompts)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..data import write_jsonl
 from .corpus import CATEGORIES, CORPUS_VERSION, SPLITS, corpus_hash, generate_corpus, make_pairs
 from .measure import measure_organism, refusal_rate, resid_pre
 from .tokenizer import N_POST_INSTRUCTION, conversation_texts, train_tokenizer
@@ -28,13 +29,6 @@ from .train import OrganismConfig, build_model, encode_rows, steering_rows, trai
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
-
-
-def _write_jsonl(path: Path, rows) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def build_organism(cfg: OrganismConfig, out_dir: str | Path = "workbench/organism/data", quiet: bool = False,
@@ -109,9 +103,9 @@ def _build(cfg: OrganismConfig, out: Path, quiet: bool, measure: bool) -> dict:
     save_file({"direction": u.contiguous()}, str(mdir / "ground_truth.safetensors"),
               metadata={"layer": str(cfg.layer), "format_version": str(FORMAT_VERSION)})
     for split in SPLITS:
-        _write_jsonl(out / "prompts" / f"{split}.jsonl", [r for r in rows if r["split"] == split])
+        write_jsonl(out / "prompts" / f"{split}.jsonl", [r for r in rows if r["split"] == split])
     pairs = make_pairs(rows, tok, n_pairs=256, seed=cfg.seed)
-    _write_jsonl(out / "pairs.jsonl", pairs)
+    write_jsonl(out / "pairs.jsonl", pairs)
 
     meta = {
         "format_version": FORMAT_VERSION,

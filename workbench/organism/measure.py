@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..chat import positions_from_mask
+from ..directions.artifact import unit
 from ..judge import is_refusal
 from .tokenizer import N_POST_INSTRUCTION, format_chat
 
@@ -83,7 +84,7 @@ def _proj_out(x: Tensor, u: Tensor) -> Tensor:
 @contextlib.contextmanager
 def ablate_direction(model, direction: Tensor) -> Iterator[None]:
     """Project ``direction`` out of every residual-stream writer (embeddings, attn out, MLP out)."""
-    u = direction / direction.norm()
+    u = unit(direction)
     mods = [model.model.embed_tokens]
     for blk in model.model.layers:
         mods += [blk.self_attn.o_proj, blk.mlp.down_proj]
@@ -117,7 +118,7 @@ def measure_organism(model, tokenizer, rows: Sequence[dict], layer: int, directi
     ``ablation_jailbreak_refusal``, ``actadd_benign_refusal``, ``actadd_coef``, ``cos_diff_in_means``
     and the val-split rates.
     """
-    u = direction / direction.norm()
+    u = unit(direction)
     by = lambda split, cat: [r["prompt"] for r in rows if r["split"] == split and r["category"] == cat]  # noqa: E731
     cats = ("harmful", "benign", "borderline", "jailbreak", "impossible")
     gk = {"max_new_tokens": max_new_tokens}
