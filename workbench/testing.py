@@ -221,3 +221,87 @@ def _config(arch: str, d_model: int, n_layers: int, n_heads: int, n_kv_heads: in
     head_dim = d_model // n_heads
     return tf.Gemma2Config(head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=256, **shared), \
         tf.Gemma2ForCausalLM
+
+
+#: Hugging Face Llama parameter names -> GGUF tensor names (llama.cpp's naming), ``{i}`` the layer.
+_GGUF_LLAMA_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{i}.input_layernorm.weight": "blk.{i}.attn_norm.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "blk.{i}.attn_q.weight",
+    "model.layers.{i}.self_attn.k_proj.weight": "blk.{i}.attn_k.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "blk.{i}.attn_v.weight",
+    "model.layers.{i}.self_attn.o_proj.weight": "blk.{i}.attn_output.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "blk.{i}.ffn_norm.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
+}
+
+
+def _rope_interleave(w, n_head: int):
+    """llama.cpp's q/k row order: each head's rotary halves interleaved (GGUF readers undo it)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(model_dir: str | Path, path: str | Path) -> Path:
+    """Write the Llama checkpoint in ``model_dir`` (e.g. from :func:`make_tiny_chat_model` with ``arch="llama"``)
+    as a float32 GGUF file, written independently of transformers' reader with the ``gguf`` package:
+    llama.cpp's tensor names and rotary row order, a ``gpt2`` (byte-level BPE) vocabulary with its merges and
+    control tokens, and the chat template. For tests of :mod:`workbench.gguf`."""
+    import json
+
+    import gguf
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    model_dir, path = Path(model_dir), Path(path)
+    cfg = AutoConfig.from_pretrained(model_dir)
+    if cfg.model_type != "llama":
+        raise ValueError(f"write_tiny_gguf writes Llama checkpoints, not {cfg.model_type!r}")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    state = load_file(str(model_dir / "model.safetensors"))
+    tied = bool(cfg.tie_word_embeddings)  # a tied model's file has no output.weight (llama.cpp omits it)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]) if getattr(cfg, "rope_parameters", None)
+                         else float(cfg.rope_theta))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(len(tok))
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    spec = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = {**spec["model"]["vocab"], **{t["content"]: t["id"] for t in spec["added_tokens"]}}
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    special = {t["content"] for t in spec["added_tokens"] if t.get("special")}
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    if tok.bos_token_id is not None:
+        w.add_bos_token_id(tok.bos_token_id)
+    w.add_eos_token_id(tok.eos_token_id)
+    if tok.pad_token_id is not None:
+        w.add_pad_token_id(tok.pad_token_id)
+    w.add_chat_template(tok.chat_template)
+    for i in range(cfg.num_hidden_layers):
+        for hf, name in _GGUF_LLAMA_NAMES.items():
+            if ("{i}" not in hf and i) or (tied and hf == "lm_head.weight"):
+                continue
+            t = state[hf.format(i=i)].float().numpy()
+            if ".attn_q." in name:
+                t = _rope_interleave(t, cfg.num_attention_heads)
+            elif ".attn_k." in name:
+                t = _rope_interleave(t, cfg.num_key_value_heads)
+            w.add_tensor(name.format(i=i), t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -31,8 +31,10 @@ def add_common_args(p: argparse.ArgumentParser, model: bool = True) -> None:
 
 def add_data_args(p: argparse.ArgumentParser, limit: bool = True) -> None:
     """--data (a :class:`workbench.promptsets.PromptSets` source), --limit and --store of an analysis command."""
-    p.add_argument("--data", default="organism", help="prompt data: 'organism' (default) or a prompt file (JSONL, CSV, "
-                   "TSV, JSON, Parquet with prompt and category columns, optionally split and reply)")
+    p.add_argument("--data", default="organism", help="prompt data: 'organism' (default), 'real' (HarmBench, "
+                   "StrongREJECT, GPTFuzzer, MT-Bench and shipped harmless/borderline prompts with fixed splits; run "
+                   "`workbench data fetch` once) or a prompt file (JSONL, CSV, TSV, JSON, Parquet with prompt and "
+                   "category columns, optionally split and reply)")
     if limit:
         p.add_argument("--limit", type=int, default=None, help="at most this many prompts per category and split")
     p.add_argument("--store", default=None, help="activation store root (default $WORKBENCH_CACHE or ~/.cache/workbench)")
@@ -69,6 +71,8 @@ COMMAND_MODULES: list[str] = [
     "workbench.cli.controller",
     "workbench.cli.sparsity",
     "workbench.cli.doctor",
+    "workbench.cli.models",
+    "workbench.cli.data",
 ]
 
 
