@@ -44,13 +44,14 @@ def source_of(checkpoint: str | os.PathLike) -> dict | None:
 
 
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
-                 show_progress: bool = True) -> Path:
+                 show_progress: bool = True, sha256: str | None = None) -> Path:
     """The Hugging Face checkpoint directory of a ``.gguf`` file, converting it on first use.
 
     Args:
         gguf_path: the GGUF file (any architecture transformers reads from GGUF: llama, mistral, qwen2, gpt2...).
         out_dir: where to write the checkpoint (default :func:`converted_dir`).
         show_progress: progress lines while hashing and converting.
+        sha256: the file's sha256 when the caller has just verified it (skips hashing it again).
 
     Returns:
         The checkpoint directory (``config.json``, ``model.safetensors``, tokenizer files, ``workbench_source.json``).
@@ -65,7 +66,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | None
         import gguf  # noqa: F401 - transformers needs it to read the file
     except ImportError:
         raise WorkbenchError("reading a .gguf file needs the gguf package: pip install 'workbench[gguf]'") from None
-    sha = sha256_file(src, show_progress)
+    sha = sha256 or sha256_file(src, show_progress)
     out = Path(out_dir) if out_dir is not None else converted_dir(src, sha)
     if (out / SOURCE_FILE).exists() and (source_of(out) or {}).get("sha256") == sha:
         return out

