@@ -17,10 +17,23 @@ Quick start::
     wb.generate(model, prompts, fwd_hooks=wd.actadd_hooks(model, d, layers=d.layer))
     edited = wd.orthogonalize(model, d)          # a copy whose weights equal the ablation
     d.save("runs/x/direction"); wd.Direction.load("runs/x/direction", model=model)
+
+    # contrastive activation addition (Rimsky et al. 2024): refusal vs compliance answer starts after the prompts
+    sel = wd.find_refusal_direction(model, h_train, b_train, h_val, b_val, method="caa", caa=wd.CAAConfig())
 """
 
 from .analysis import candidate_cosines, cosine_to, projection_by_layer, projection_summary
 from .artifact import FORMAT_VERSION, Direction
+from .caa import (
+    CAAConfig,
+    PooledEntry,
+    actadd_check,
+    answer_entry,
+    answer_tokenizer,
+    caa_candidates,
+    caa_entries,
+    mean_resid_norm,
+)
 from .candidates import (
     Candidates,
     MemoryEntry,
@@ -42,6 +55,8 @@ from .select import (
 )
 
 __all__ = [
+    "CAAConfig", "PooledEntry", "actadd_check", "answer_entry", "answer_tokenizer", "caa_candidates", "caa_entries",
+    "mean_resid_norm",
     "Candidates", "Direction", "FORMAT_VERSION", "MemoryEntry", "Selection", "SelectionConfig",
     "ablation_hooks", "actadd_hooks", "activation_entry", "apply_filters", "candidate_cosines",
     "candidate_directions", "compute_resid_pre", "cosine_to", "diff_in_means", "embedding_centroid",

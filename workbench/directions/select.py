@@ -10,7 +10,12 @@ For each candidate ``r = r[l, p]``, on validation prompts:
 
 A candidate passes when ``induce_score > induce_threshold``, ``kl <= kl_threshold`` and
 ``layer < (1 - prune_layer_fraction) * n_layers``; the passing candidate with the lowest ``bypass_score`` is
-selected.
+selected (``rule="bypass"``). On a model that does not refuse, ablation has nothing to bypass and the bypass
+score means nothing; ``rule="induce"`` then selects the candidate with the highest ``induce_score`` among those
+that pass the KL and layer filters.
+
+The candidates are the difference in means (``method="diff_in_means"``, :mod:`.candidates`) or contrastive
+activation addition (``method="caa"``, :mod:`.caa`, Rimsky et al. 2024); both are scored the same way.
 
 All candidates are scored in batched forward passes: the rows of a batch are (candidate, prompt) pairs, and
 one hook per hook point applies each row's own direction (per-row ablation / per-row addition).
@@ -33,6 +38,11 @@ from ..progress import progress
 from ..vocab import Positions
 from .artifact import Direction, unit
 from .candidates import Candidates, _check_prompts, candidate_directions, candidate_positions
+
+#: candidate methods of :func:`find_refusal_direction`
+METHODS: tuple[str, ...] = ("diff_in_means", "caa")
+#: selection rules of :func:`select_candidate`
+RULES: tuple[str, ...] = ("bypass", "induce")
 from .interventions import ablation_hooks, per_row_actadd_hooks
 
 
@@ -226,16 +236,42 @@ def apply_filters(scores: pd.DataFrame, n_layers: int, config: SelectionConfig |
     return df
 
 
-def select_candidate(scores: pd.DataFrame, n_layers: int, config: SelectionConfig | None = None) -> pd.Series:
-    """The passing candidate with the lowest ``bypass_score`` (ties: earliest layer, then position).
+def check_rule(rule: str) -> str:
+    """``rule`` if it is one of :data:`RULES`, else a clear error."""
+    if rule not in RULES:
+        raise WorkbenchError(f"unknown selection rule {rule!r}; expected one of {list(RULES)}")
+    return rule
+
+
+def select_candidate(scores: pd.DataFrame, n_layers: int, config: SelectionConfig | None = None,
+                     rule: str = "bypass") -> pd.Series:
+    """The selected candidate (ties: earliest layer, then position).
+
+    Args:
+        rule: ``"bypass"``: the passing candidate with the lowest ``bypass_score``; ``"induce"`` (a model that
+            does not refuse): the candidate with the highest ``induce_score`` among those that pass the KL and
+            layer filters (finite scores).
 
     Raises:
         WorkbenchError: when no candidate passes, naming how many fail each filter.
     """
     cfg = config or SelectionConfig()
+    check_rule(rule)
     if len(scores) == 0:
         raise WorkbenchError("the score table is empty; there are no candidates to select from")
     df = apply_filters(scores, n_layers, cfg)
+    if rule == "induce":
+        finite = df[["bypass_score", "induce_score", "kl"]].notna().all(axis=1)
+        ok = df[df["pass_kl"] & df["pass_layer"] & finite]
+        if ok.empty:
+            raise WorkbenchError(
+                f"no candidate passes the filters of the induce rule ({len(df)} candidates: "
+                f"{int((~df.pass_kl).sum())} with kl > {cfg.kl_threshold}, {int((~df.pass_layer).sum())} in the "
+                f"last {cfg.prune_layer_fraction:.0%} of layers, {int((~finite).sum())} without scores); relax the "
+                "thresholds"
+            )
+        return ok.sort_values(["induce_score", "layer", "position"], ascending=[False, True, True],
+                              kind="stable").iloc[0]
     ok = df[df["passes"]]
     if ok.empty:
         raise WorkbenchError(
@@ -264,33 +300,59 @@ def find_refusal_direction(
     config: SelectionConfig | None = None,
     store=None,
     show_progress: bool = True,
-    positions: Positions = "post_instruction",
+    positions: Positions | None = None,
+    method: str = "diff_in_means",
+    caa=None,
+    rule: str = "bypass",
 ) -> Selection:
-    """Candidates (difference in means on the train sets) -> scores (val sets) -> the selected :class:`Direction`.
+    """Candidates (train sets) -> scores (val sets) -> the selected :class:`Direction`.
 
     Args:
-        positions: the candidates' positions (:data:`workbench.vocab.Positions` present in every prompt;
-            default: the post-instruction ones).
+        positions: the difference-in-means candidates' positions (:data:`workbench.vocab.Positions` present in
+            every prompt; default: the post-instruction ones). CAA reads its positions from ``caa``.
+        method: ``"diff_in_means"`` (harmful minus benign prompts, Arditi et al. 2024) or ``"caa"`` (refusal minus
+            compliance answer starts after the same harmful and benign train prompts, Rimsky et al. 2024,
+            :func:`.caa.caa_candidates`).
+        caa: a :class:`.caa.CAAConfig` (default: its defaults); only for ``method="caa"``.
+        rule: ``"bypass"`` or ``"induce"`` (:func:`select_candidate`).
 
     Returns:
-        A :class:`Selection`; ``direction.vector`` is the raw difference in means at the selected
-        ``(layer, position)``, ``direction.scores`` its row of the score table.
+        A :class:`Selection`; ``direction.vector`` is the raw candidate (difference of means) at the selected
+        ``(layer, position)``, ``direction.method`` and ``direction.meta["method"]`` the method,
+        ``direction.scores`` its row of the score table.
     """
     cfg = config or SelectionConfig()
+    if method not in METHODS:
+        raise WorkbenchError(f"unknown direction method {method!r}; expected one of {list(METHODS)}")
+    check_rule(rule)
     for prompts, what in ((harmful_train, "harmful train"), (benign_train, "benign train"),
                           (harmful_val, "harmful validation"), (benign_val, "benign validation")):
         _check_prompts(prompts, f"the {what} set")
-    positions = candidate_positions(positions)
-    cands = candidate_directions(model, harmful_train, benign_train, store=store, batch_size=cfg.batch_size,
-                                 show_progress=show_progress, positions=positions)
+    extra: dict = {}
+    if method == "caa":
+        from .caa import CAAConfig, caa_candidates
+
+        if positions is not None:
+            raise WorkbenchError("positions= applies to the difference in means; CAA reads its positions from "
+                                 "caa=CAAConfig(answer_positions=...)")
+        caa = caa or CAAConfig()
+        cands = caa_candidates(model, list(harmful_train) + list(benign_train), caa, store=store,
+                               batch_size=cfg.batch_size, show_progress=show_progress)
+        extra["caa"] = {"refusal_starts": list(caa.refusal_starts), "compliance_starts": list(caa.compliance_starts),
+                        "answer_positions": caa.answer_positions, "n_sequences": [cands.n_harmful, cands.n_benign]}
+    else:
+        positions = candidate_positions("post_instruction" if positions is None else positions)
+        cands = candidate_directions(model, harmful_train, benign_train, store=store, batch_size=cfg.batch_size,
+                                     show_progress=show_progress, positions=positions)
     scores = score_candidates(model, cands, harmful_val, benign_val, cfg, show_progress=show_progress)
-    best = select_candidate(scores, int(model.cfg.n_layers), cfg)
+    best = select_candidate(scores, int(model.cfg.n_layers), cfg, rule)
     layer, pos = int(best["layer"]), int(best["position"])
     row = {k: (v.item() if hasattr(v, "item") else v) for k, v in best.to_dict().items()}
     direction = Direction.from_vector(
-        model, cands.vector(layer, pos), layer, pos, "diff_in_means", scores=row,
-        meta={"selection": asdict(cfg), "n_harmful_train": cands.n_harmful, "n_benign_train": cands.n_benign,
+        model, cands.vector(layer, pos), layer, pos, method, scores=row,
+        meta={"selection": asdict(cfg), "n_harmful_train": len(harmful_train), "n_benign_train": len(benign_train),
               "n_harmful_val": len(harmful_val), "n_benign_val": len(benign_val),
-              "model": getattr(model, "_wb_source", {}).get("name")},
+              "model": getattr(model, "_wb_source", {}).get("name"), "method": method, "selection_rule": rule,
+              **extra},
     )
     return Selection(direction, scores, cands)
