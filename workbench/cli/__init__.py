@@ -22,7 +22,7 @@ from ..models import DEFAULT_MODEL
 def add_common_args(p: argparse.ArgumentParser, model: bool = True) -> None:
     """--model/--device/--dtype (when ``model``), --quiet and --json."""
     if model:
-        p.add_argument("--model", default=DEFAULT_MODEL, help="'organism' (default), a local HF directory or a hub name")
+        p.add_argument("--model", default=DEFAULT_MODEL, help="'organism' (default), a registered real model (workbench models ls), a .gguf file, a local HF directory or a hub name")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
         p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
