@@ -248,7 +248,9 @@ def test_stage_caa_and_both_on_the_organism(organism, tmp_path):
     data = wb.load_data("organism").limited(40)
     store = ActivationStore(tmp_path / "store")
     stage = STAGES["directions"]
-    both = stage.run(organism, data, store, _stage_cfg("both"), {}, show_progress=False)
+    # min_layer_fraction=0: on the organism no CAA candidate past layer 0 passes the bypass rule's filters (below)
+    both = stage.run(organism, data, store, _stage_cfg("both", caa=wd.CAAConfig(min_layer_fraction=0.0)), {},
+                     show_progress=False)
     s = both.summary
     assert s["method"] == "both" and s["artifact_method"] in ("diff_in_means", "caa")
     assert s["selection_rule"] == "bypass" and s["val_refusal_base"]["harmful"] >= 0.2  # the organism refuses
@@ -268,11 +270,21 @@ def test_stage_caa_and_both_on_the_organism(organism, tmp_path):
     back = DirectionsResult.load(out, model=organism)
     assert back.others[other].method == other and back.summary["methods"] == json.loads(json.dumps(s["methods"]))
 
-    caa = stage.run(organism, data, store, _stage_cfg("caa"), {}, show_progress=False)
+    caa = stage.run(organism, data, store, _stage_cfg("caa", caa=wd.CAAConfig(min_layer_fraction=0.0)), {},
+                    show_progress=False)
     assert caa.summary["method"] == caa.summary["artifact_method"] == "caa" and set(caa.summary["methods"]) == {"caa"}
     assert caa.direction.method == "caa" and caa.direction.meta["caa"]["answer_positions"] == "last"
     assert caa.summary["methods"]["caa"] == s["methods"]["caa"]  # the same store entries, the same numbers
     assert not caa.others and "actadd_check" in caa.direction.meta
+
+    # with the default min_layer_fraction CAA has no selectable candidate on the organism: alone that is one clear
+    # error, within "both" a reported result beside the difference in means
+    with pytest.raises(WorkbenchError, match="no candidate passes"):
+        stage.run(organism, data, store, _stage_cfg("caa"), {}, show_progress=False)
+    both_default = stage.run(organism, data, store, _stage_cfg("both"), {}, show_progress=False)
+    assert both_default.summary["artifact_method"] == "diff_in_means" and not both_default.others
+    assert "no candidate passes" in both_default.summary["methods"]["caa"]["error"]
+    assert both_default.summary["methods"]["diff_in_means"] == s["methods"]["diff_in_means"]
 
     # the default method is the difference in means, bit for bit what find_refusal_direction selects
     dim = stage.run(organism, data, store, _stage_cfg("diff_in_means"), {}, show_progress=False)

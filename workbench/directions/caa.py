@@ -70,6 +70,8 @@ class CAAConfig:
         answer_positions: :data:`workbench.vocab.Positions` counted from the end of the answer start: ``"last"``
             (default: the start's last token), ``("last_k", k)`` or negative offsets. ``"post_instruction"`` and
             ``"all"`` are refused (the sequences' template-plus-answer lengths differ between starts).
+        min_layer_fraction: candidates of layers below ``ceil(min_layer_fraction * n_layers)`` are scored but not
+            selectable (token identity, not refusal, separates the halves there).
     """
 
     #: CAA: refusal answer starts appended after the generation prompt (comma-separated on the command line, so
@@ -79,8 +81,14 @@ class CAAConfig:
     compliance_starts: tuple[str, ...] = DEFAULT_COMPLIANCE_STARTS
     #: CAA: positions counted from the end of the answer start ('last', 'last_k(k)' or negative offsets)
     answer_positions: Positions = "last"
+    #: CAA: skip candidates in the first fraction of the layers, where the residual stream still mostly holds the
+    #: answer starts' own last tokens (they differ between the two halves; at layer 0 the candidate is only their
+    #: embedding difference, which on the organism won the induce rule with cosine 0.07 to the planted direction)
+    min_layer_fraction: float = 0.2
 
     def __post_init__(self):
+        if not 0.0 <= self.min_layer_fraction < 1.0:
+            raise WorkbenchError(f"CAA min_layer_fraction must be in [0, 1), got {self.min_layer_fraction}")
         for what in ("refusal_starts", "compliance_starts"):
             starts = getattr(self, what)
             if isinstance(starts, str):

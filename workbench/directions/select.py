@@ -23,6 +23,8 @@ one hook per hook point applies each row's own direction (per-row ablation / per
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -345,7 +347,12 @@ def find_refusal_direction(
         cands = candidate_directions(model, harmful_train, benign_train, store=store, batch_size=cfg.batch_size,
                                      show_progress=show_progress, positions=positions)
     scores = score_candidates(model, cands, harmful_val, benign_val, cfg, show_progress=show_progress)
-    best = select_candidate(scores, int(model.cfg.n_layers), cfg, rule)
+    pool = scores
+    if method == "caa":  # the first layers separate the answer starts' tokens, not refusal (CAAConfig)
+        first = math.ceil(caa.min_layer_fraction * int(model.cfg.n_layers))
+        pool = scores[scores["layer"] >= first]
+        extra["caa"]["selectable_from_layer"] = first
+    best = select_candidate(pool, int(model.cfg.n_layers), cfg, rule)
     layer, pos = int(best["layer"]), int(best["position"])
     row = {k: (v.item() if hasattr(v, "item") else v) for k, v in best.to_dict().items()}
     direction = Direction.from_vector(

@@ -36,6 +36,7 @@ Tables added: ``actadd_check.csv`` (every method's check) and, with ``method="bo
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -46,6 +47,8 @@ from ..directions.caa import CAAConfig
 from ..directions.select import METHODS, SelectionConfig
 from ..errors import WorkbenchError
 from .base import Result, Stage
+
+log = logging.getLogger(__name__)
 
 DIRECTION = "direction"
 #: values of :attr:`DirectionsConfig.method` and :attr:`DirectionsConfig.selection_rule`
@@ -233,9 +236,19 @@ class DirectionsStage(Stage):
         val_base = {"harmful": refusal_rate(generate(model, h_chk, **check_gen)),
                     "benign": refusal_rate(generate(model, b_chk, **check_gen))}
         rule, reason = selection_rule(config, val_base["harmful"])
-        found = {m: find_and_check(model, m, (h_tr, b_tr, h_va, b_va), (h_chk, b_chk), config, rule, store,
-                                   show_progress)
-                 for m in config.methods}
+        found, failed = {}, {}
+        for m in config.methods:
+            try:
+                found[m] = find_and_check(model, m, (h_tr, b_tr, h_va, b_va), (h_chk, b_chk), config, rule, store,
+                                          show_progress)
+            except WorkbenchError as exc:  # with "both", one method without a passing candidate is a result
+                if len(config.methods) == 1:
+                    raise
+                failed[m] = str(exc)
+                log.warning("directions: method %s selected nothing: %s", m, exc)
+        if not found:
+            raise WorkbenchError("no direction method selected a candidate: " +
+                                 "; ".join(f"{m}: {e}" for m, e in failed.items()))
         primary = best_method(found, rule)
         sel, checks = found[primary]
         d = sel.direction
@@ -268,7 +281,8 @@ class DirectionsStage(Stage):
         summary["selection_rule"] = rule
         summary["selection_rule_reason"] = reason
         summary["val_refusal_base"] = {k: round(v, 4) for k, v in val_base.items()}
-        summary["methods"] = {m: _method_summary(s.direction, c) for m, (s, c) in found.items()}
+        summary["methods"] = {m: _method_summary(found[m][0].direction, found[m][1]) if m in found
+                              else {"error": failed[m]} for m in config.methods}
         for m, (s, c) in found.items():
             s.direction.meta["actadd_check"] = summary["methods"][m]["actadd_check"]
             s.direction.meta["val_refusal_base"] = summary["val_refusal_base"]
