@@ -300,6 +300,10 @@ def test_real_preset_is_deterministic(files, tmp_path):
     # rows carry their source into the hash and into rows_of; limited keeps them
     assert all("source" in r for r in data.rows_of("test"))
     assert all(r.source for r in data.limited(2).rows)
+    # written to a prompt file and read back: the same rows, sources included, so the same hash
+    saved = jsonl(tmp_path / "saved.jsonl", [r.as_dict() for r in data.rows])
+    back = PromptSets.from_file(saved)
+    assert back.rows == data.rows and back.hash == data.hash and back.describe()["sources"] == data.describe()["sources"]
 
 
 def test_organism_hash_does_not_see_the_source_field():

@@ -120,7 +120,7 @@ class PromptSets:
                   column: str = "prompt", seed: int = 0,
                   fractions: Sequence[float] = DEFAULT_FRACTIONS) -> "PromptSets":
         """From dict rows with ``column`` (the prompt), ``category`` (or the ``category`` argument for all rows),
-        optional ``split`` and ``reply``; rows without a split are split by :func:`assign_splits`. Exact duplicate
+        optional ``split``, ``reply`` and ``source`` (where the prompt came from); rows without a split are split by :func:`assign_splits`. Exact duplicate
         rows are kept once."""
         parsed, unsplit = [], []
         for i, r in enumerate(rows, 1):
@@ -138,7 +138,9 @@ class PromptSets:
             split = None if split is None or (isinstance(split, float) and split != split) or split == "" else split
             reply = r.get("reply")
             reply = reply if isinstance(reply, str) else None
-            (parsed if split is not None else unsplit).append((prompt.strip(), cat.strip(), split, reply))
+            origin = r.get("source")
+            origin = origin.strip() if isinstance(origin, str) and origin.strip() else None
+            (parsed if split is not None else unsplit).append((prompt.strip(), cat.strip(), split, reply, origin))
         parsed += assign_splits(unsplit, seed, fractions)
         seen, out = set(), []
         for p in parsed:
