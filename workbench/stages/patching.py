@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import WorkbenchError
 from .base import Result, Stage
 
 DEFAULT_COMPONENTS = ("resid_pre", "attn_out", "mlp_out", "heads")
@@ -50,8 +51,13 @@ def prompt_pairs(model, data, config: PatchingConfig):
         clean, corrupted = zip(*data.pairs)
         return make_pairs(model.tokenizer, clean, corrupted, drop_unequal=True, limit=config.n_pairs)
     data.require(config.pair_split, "harmful", "benign")
-    return pairs_by_length(model.tokenizer, data.prompts(config.pair_split, "harmful"),
-                           data.prompts(config.pair_split, "benign"), limit=config.n_pairs)
+    harmful, benign = data.prompts(config.pair_split, "harmful"), data.prompts(config.pair_split, "benign")
+    try:
+        return pairs_by_length(model.tokenizer, harmful, benign, limit=config.n_pairs)
+    except WorkbenchError as exc:
+        raise WorkbenchError(f"patching: {exc} (the {config.pair_split} split of {data.source} has {len(harmful)} "
+                             f"harmful and {len(benign)} benign prompts; a larger --limit or another "
+                             "--patching.pair-split gives more equal-length pairs)") from exc
 
 
 class PatchingStage(Stage):
