@@ -161,7 +161,7 @@ def cache(tmp_path, monkeypatch):
     def no_pip(requirement, dest):
         raise AssertionError(f"pip called for {requirement}")
 
-    monkeypatch.setattr(fetched, "_pip_download", no_pip)
+    monkeypatch.setattr(fetched, "pip_download", no_pip)
     return tmp_path / "cache"
 
 

