@@ -175,6 +175,38 @@ def test_evaluate_on_tiny_model(tiny_model):
     assert ev.table["refusal_score"].abs().lt(1e3).all()
 
 
+def test_evaluation_batches_by_length_and_keeps_the_given_order(tiny_model, monkeypatch):
+    """Batches are cut along the prompts' token lengths (the long ones together, so the short ones are not padded
+    to them), and every row comes back where its prompt was, equal to a one-prompt-at-a-time loop."""
+    import workbench.evaluate as ev_mod
+
+    long_ = "Please explain, step by step and with examples, " * 6 + "how tides work."
+    sets = {"harmful": [long_, "Hi", long_ + " Twice.", "Why?"], "benign": ["Ok", long_ + " Thrice."]}
+    widths, real = [], ev_mod.generate_batch
+
+    def spy(model, batch, *a, **k):
+        widths.append((batch.input_ids.shape[0], int(batch.attention_mask.sum()), batch.input_ids.numel()))
+        return real(model, batch, *a, **k)
+
+    monkeypatch.setattr(ev_mod, "generate_batch", spy)
+    ev = wb.evaluate_refusal(tiny_model, sets, max_new_tokens=5, batch_size=3, show_progress=False,
+                             keep_logprobs=True)
+    # the three short prompts form one batch, the three long ones the other: little padding in either
+    assert [w[0] for w in widths] == [3, 3]
+    assert sum(w[1] for w in widths) / sum(w[2] for w in widths) > 0.9
+    assert list(ev.table["prompt"]) == [p for ps in sets.values() for p in ps]
+    assert list(ev.table["category"]) == ["harmful"] * 4 + ["benign"] * 2
+    monkeypatch.setattr(ev_mod, "generate_batch", real)
+    for i, (cat, p) in enumerate(zip(ev.table["category"], ev.table["prompt"])):
+        alone = wb.evaluate_refusal(tiny_model, {cat: [p]}, max_new_tokens=5, batch_size=1, show_progress=False,
+                                    keep_logprobs=True)
+        assert alone.table["reply"][0] == ev.table["reply"][i]
+        assert torch.allclose(alone.logprobs[0], ev.logprobs[i], atol=1e-4)
+    replies = wb.generate(tiny_model, [p for ps in sets.values() for p in ps], max_new_tokens=5, batch_size=3,
+                          show_progress=False)
+    assert replies == list(ev.table["reply"])
+
+
 def test_vocabulary_names_real_bridge_hooks(tiny_model):
     """Every site of the one hook vocabulary is a hook the TransformerBridge really exposes, on every layer, and
     the modules that name hooks take them from it."""

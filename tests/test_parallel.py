@@ -201,3 +201,15 @@ def test_cli_evaluate_under_torchrun_shards_and_prints_once(tiny_dir, tmp_path, 
                  "--batch-size", "2", "--json", "--quiet"]) == 0
     single = capsys.readouterr().out
     assert json.loads(proc.stdout[proc.stdout.index("{"):]) == json.loads(single)
+
+
+def test_length_cuts_bound_rows_and_padded_tokens():
+    from workbench.batching import length_cuts
+
+    assert length_cuts([5, 5, 5, 5, 5], 2) == [(0, 2), (2, 4), (4, 5)]
+    # rows x longest <= max_tokens: 3 x 10 fits 32, a fourth row of 10 does not; 40 alone exceeds and runs alone
+    assert length_cuts([10, 10, 10, 10, 40], 8, max_tokens=32) == [(0, 3), (3, 4), (4, 5)]
+    assert length_cuts([10, 10, 10, 10, 40], 8, max_tokens=None) == [(0, 5)]
+    assert length_cuts([], 4) == []
+    with pytest.raises(WorkbenchError, match="ascending"):
+        length_cuts([3, 2], 4)

@@ -74,6 +74,29 @@ def parse_batch_size(text: str) -> int | str:
     return value
 
 
+#: at most this many padded tokens (rows x longest prompt) in one batch of prompts cut along their lengths
+#: (:func:`length_cuts`): the organism's batches never reach it; a real model's 1,300-token jailbreaks go ~12 a batch
+MAX_BATCH_TOKENS = 16384
+
+
+def length_cuts(lengths: Sequence[int], batch_size: int,
+                max_tokens: int | None = MAX_BATCH_TOKENS) -> list[tuple[int, int]]:
+    """``[start, stop)`` cuts of prompts sorted by ascending token ``lengths`` into batches of at most
+    ``batch_size`` rows whose padded size (rows x the batch's last, longest length) stays within ``max_tokens``
+    (a longer prompt is a batch of its own). ``max_tokens=None``: cuts of ``batch_size`` rows."""
+    if any(b < a for a, b in zip(lengths, lengths[1:])):
+        raise WorkbenchError("length_cuts needs the lengths in ascending order")
+    cuts, start = [], 0
+    for i, n in enumerate(lengths):
+        rows = i - start + 1
+        if i > start and (rows > batch_size or (max_tokens is not None and rows * n > max_tokens)):
+            cuts.append((start, i))
+            start = i
+    if len(lengths):
+        cuts.append((start, len(lengths)))
+    return cuts
+
+
 def free_memory(device: str | torch.device) -> int:
     """Bytes that can still be allocated on ``device``: free CUDA memory plus what PyTorch's caching allocator
     holds unused, or available RAM for the CPU."""

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from .chat import tokenize_chat
+from .chat import length_order, prompt_lengths, tokenize_chat
+from .batching import length_cuts
 from .errors import WorkbenchError
 from .models import model_device
 from .generation import Hook, generate_batch
@@ -79,10 +80,14 @@ def evaluate_refusal(
     _check_prompt_sets(prompt_sets)
     ref_ids = refusal_token_ids(model.tokenizer)
     jobs = [(cat, p) for cat, ps in prompt_sets.items() for p in ps]
-    rows, logprobs = [], []
-    starts = range(0, len(jobs), batch_size)
-    for s in progress(starts, "evaluate", show_progress, total=len(starts)):
-        chunk = jobs[s:s + batch_size]
+    lengths = prompt_lengths(model.tokenizer, [p for _, p in jobs], system)
+    order = length_order(lengths)  # batches of similar lengths pad least
+    cuts = length_cuts([lengths[i] for i in order], batch_size)
+    rows: list = [None] * len(jobs)
+    logprobs: list = [None] * len(jobs)
+    for a, b in progress(cuts, "evaluate", show_progress, total=len(cuts)):
+        idx = order[a:b]
+        chunk = [jobs[i] for i in idx]
         batch = tokenize_chat(model.tokenizer, [p for _, p in chunk], system)
         hooks, info = list(fwd_hooks), {}
         if plan is not None:
@@ -91,16 +96,17 @@ def evaluate_refusal(
         replies, logits = generate_batch(model, batch, max_new_tokens, hooks)
         scores = refusal_score(logits, ref_ids).tolist()
         verdicts = judge.judge([p for _, p in chunk], replies)
-        if keep_logprobs:
-            logprobs.append(torch.log_softmax(logits.float(), -1).cpu())
-        for i, ((cat, prompt), reply, score, refused) in enumerate(zip(chunk, replies, scores, verdicts)):
+        lp = torch.log_softmax(logits.float(), -1).cpu() if keep_logprobs else None
+        for k, (i, (cat, prompt), reply, score, refused) in enumerate(zip(idx, chunk, replies, scores, verdicts)):
             row = {"category": cat, "prompt": prompt, "reply": reply,
                    "refused": refused, "refusal_score": score}
-            row.update({k: v[i] for k, v in info.items()})
-            rows.append(row)
-    table = pd.DataFrame(rows)
+            row.update({key: v[k] for key, v in info.items()})
+            rows[i] = row
+            if lp is not None:
+                logprobs[i] = lp[k]
+    table = pd.DataFrame(rows)  # in the order of prompt_sets
     table.attrs["judge"] = judge.name
-    return Evaluation(table, torch.cat(logprobs) if keep_logprobs else None)
+    return Evaluation(table, torch.stack(logprobs) if keep_logprobs else None)
 
 
 def _check_prompt_sets(prompt_sets: Mapping[str, Sequence[str]]) -> None:
@@ -109,7 +115,7 @@ def _check_prompt_sets(prompt_sets: Mapping[str, Sequence[str]]) -> None:
 
 
 def _group(chunk: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
-    """``[(category, prompt), ...]`` -> ``{category: [prompt, ...]}`` keeping the order (chunks are category-sorted)."""
+    """``[(category, x), ...]`` -> ``{category: [x, ...]}``, categories in order of first appearance."""
     out: dict[str, list[str]] = {}
     for cat, p in chunk:
         out.setdefault(cat, []).append(p)
@@ -133,16 +139,28 @@ def _evaluate_sharded(model, prompt_sets: Mapping[str, Sequence[str]], batch_siz
     jobs = [(cat, p) for cat, ps in prompt_sets.items() for p in ps]
     if kwargs.get("judge") is not None:  # resolve a named judge once, not once per batch
         kwargs = {**kwargs, "judge": get_judge(kwargs["judge"])}
+    lengths = prompt_lengths(model.tokenizer, [p for _, p in jobs], kwargs.get("system"))
+    # batches cut along the length order, as evaluate_refusal cuts them; each job carries its index
+    order = length_order(lengths)
+    items = [(i, *jobs[i]) for i in order]
 
-    def seq_len() -> int:  # the padded width of all prompts, for the "auto" batch size
-        return int(tokenize_chat(model.tokenizer, [p for _, p in jobs], kwargs.get("system")).input_ids.shape[1])
+    def run(sub) -> Evaluation:
+        grouped = _group([(cat, p) for _, cat, p in sub])
+        index = _group([(cat, i) for i, cat, _ in sub])
+        ev = evaluate_refusal(model, grouped, batch_size=len(sub), show_progress=False, **kwargs)
+        ev.table["_job"] = [i for cat in grouped for i in index[cat]]  # evaluate_refusal's row order
+        return ev
 
-    parts = map_batches(
-        lambda sub: evaluate_refusal(model, _group(sub), batch_size=len(sub), show_progress=False, **kwargs),
-        jobs, batch_size, model, seq_len, new_tokens=int(kwargs.get("max_new_tokens", 24)), rank=rank, world=world,
-        dist=dist, show_progress=show_progress, desc="evaluate",
-    )
-    return _merge(parts, bool(kwargs.get("keep_logprobs", False)))
+    parts = map_batches(run, items, batch_size, model, lambda: max(lengths),
+                        new_tokens=int(kwargs.get("max_new_tokens", 24)), rank=rank, world=world,
+                        dist=dist, show_progress=show_progress, desc="evaluate",
+                        lengths=[lengths[i] for i in order])
+    merged = _merge(parts, bool(kwargs.get("keep_logprobs", False)))
+    perm = merged.table["_job"].to_numpy().argsort(kind="stable")  # back to the order of prompt_sets
+    table = merged.table.iloc[perm].drop(columns="_job").reset_index(drop=True)
+    table.attrs = dict(merged.table.attrs)
+    logprobs = merged.logprobs[torch.as_tensor(perm)] if merged.logprobs is not None else None
+    return Evaluation(table, logprobs)
 
 
 def _fingerprint_jobs(prompt_sets: Mapping[str, Sequence[str]]) -> str:

@@ -12,7 +12,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .chat import ChatBatch, tokenize_chat
+from .chat import ChatBatch, length_order, prompt_lengths, tokenize_chat
+from .batching import length_cuts
 from .models import model_device
 from .progress import progress
 
@@ -69,12 +70,16 @@ def generate(
     system: str | None = None,
     show_progress: bool = True,
 ) -> list[str]:
-    """Greedy chat replies to ``prompts`` (batched, left-padded, KV-cached)."""
-    replies: list[str] = []
-    starts = range(0, len(prompts), batch_size)
-    for s in progress(starts, "generate", show_progress, total=len(starts)):
-        batch = tokenize_chat(model.tokenizer, prompts[s:s + batch_size], system)
-        replies.extend(generate_batch(model, batch, max_new_tokens, fwd_hooks)[0])
+    """Greedy chat replies to ``prompts`` (batched along their token lengths, left-padded, KV-cached)."""
+    lengths = prompt_lengths(model.tokenizer, prompts, system)
+    order = length_order(lengths)
+    cuts = length_cuts([lengths[i] for i in order], batch_size)
+    replies: list = [None] * len(prompts)
+    for a, b in progress(cuts, "generate", show_progress, total=len(cuts)):
+        idx = order[a:b]
+        batch = tokenize_chat(model.tokenizer, [prompts[i] for i in idx], system)
+        for i, reply in zip(idx, generate_batch(model, batch, max_new_tokens, fwd_hooks)[0]):
+            replies[i] = reply
     return replies
 
 

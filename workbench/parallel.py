@@ -26,7 +26,7 @@ from typing import TypeVar
 
 import torch
 
-from .batching import OOMBackoff, auto_batch_size, check_batch_size
+from .batching import OOMBackoff, auto_batch_size, check_batch_size, length_cuts
 from .progress import progress
 
 log = logging.getLogger("workbench.parallel")
@@ -85,6 +85,7 @@ def map_batches(
     dist=None,
     show_progress: bool = True,
     desc: str = "",
+    lengths: Sequence[int] | None = None,
 ) -> list[R]:
     """``fn`` over batches of ``items``, this rank taking batches ``rank, rank + world, ...``; every rank gets all
     results, in order (one per batch, or more for a batch run in halves).
@@ -96,6 +97,8 @@ def map_batches(
             halves on its rank (:class:`workbench.batching.OOMBackoff`).
         dist: ``torch.distributed`` when ``world > 1`` (from :func:`dist_context`), else ``None``.
         show_progress: a progress bar over this rank's batches (rank 0 only).
+        lengths: the items' token lengths, ascending: batches are then cut by :func:`workbench.batching.length_cuts`
+            (at most the batch size, and at most :data:`~workbench.batching.MAX_BATCH_TOKENS` padded tokens).
     """
     fixed = check_batch_size(batch_size)
     if fixed is None:
@@ -107,11 +110,12 @@ def map_batches(
     else:
         size = fixed
     backoff = OOMBackoff(size, enabled=fixed is None)
-    starts = list(range(0, len(items), size))
-    mine = starts[rank::world]
+    cuts = (length_cuts(lengths, size) if lengths is not None
+            else [(s, min(s + size, len(items))) for s in range(0, len(items), size)])
+    mine = cuts[rank::world]
     parts: list[tuple[int, list[R]]] = []
-    for s in progress(mine, desc, show_progress and rank == 0, total=len(mine)):
-        parts.append((s, backoff.map(fn, items[s:s + size])))
+    for a, b in progress(mine, desc, show_progress and rank == 0, total=len(mine)):
+        parts.append((a, backoff.map(fn, items[a:b])))
     if dist is not None:
         gathered: list = [None] * world
         dist.all_gather_object(gathered, parts)
