@@ -29,12 +29,16 @@ class ChatBatch:
         attention_mask: ``Int[Tensor, "batch pos"]`` (0 on left padding).
         texts: the formatted prompt strings.
         n_post: number of post-instruction tokens (the last ``n_post`` positions of every row).
+        clean: when a :class:`workbench.prefix.PrefixCache` prefilled the batch: hook name ->
+            ``Float[Tensor, "batch n_post d_model"]``, the clean activations at the post-instruction positions
+            (what a controller reads, without a forward of its own).
     """
 
     input_ids: Tensor
     attention_mask: Tensor
     texts: list[str]
     n_post: int
+    clean: dict | None = None
 
     @property
     def lengths(self) -> Tensor:
@@ -42,7 +46,7 @@ class ChatBatch:
         return self.attention_mask.sum(-1)
 
     def to(self, device) -> "ChatBatch":
-        return ChatBatch(self.input_ids.to(device), self.attention_mask.to(device), self.texts, self.n_post)
+        return ChatBatch(self.input_ids.to(device), self.attention_mask.to(device), self.texts, self.n_post, self.clean)
 
 
 def positions_from_mask(attention_mask: Tensor) -> Tensor:

@@ -7,6 +7,7 @@ batches are cut, sized and spread over the ranks by :func:`workbench.parallel.ma
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -53,6 +54,7 @@ def evaluate_refusal(
     plan=None,
     keep_logprobs: bool = False,
     judge: Judge | str | None = None,
+    prefix_cache=None,
 ) -> Evaluation:
     """Generate greedy replies for every prompt set and judge them.
 
@@ -66,6 +68,9 @@ def evaluate_refusal(
         judge: what decides ``refused``: a :class:`workbench.judge.Judge`, a name for
             :func:`workbench.judge.get_judge` (``"substring"``, ``"hf:<classifier dir>"``), or ``None`` for the
             substring judge.
+        prefix_cache: a :class:`workbench.prefix.PrefixCache` shared by evaluations of the same prompts under
+            different plans (a sweep): each batch's clean prefill up to the last prompt token is computed once.
+            Not with ``fwd_hooks`` (they edit the earlier positions the cache holds).
 
     Returns:
         An :class:`Evaluation`; ``table`` has one row per prompt with ``category``, ``prompt``, ``reply``,
@@ -73,9 +78,11 @@ def evaluate_refusal(
         ``table.attrs["judge"]`` names the judge.
     """
     judge = get_judge(judge)  # built once (a classifier judge loads a model), shared by every batch
+    if prefix_cache is not None and fwd_hooks:
+        raise WorkbenchError("a prefix cache holds clean prompts: it cannot be combined with fwd_hooks (use a plan)")
     if batch_size is None or isinstance(batch_size, str):  # adaptive: batches of explicit sizes, see workbench.parallel
         options = dict(max_new_tokens=max_new_tokens, fwd_hooks=fwd_hooks, system=system, plan=plan,
-                       keep_logprobs=keep_logprobs, judge=judge)
+                       keep_logprobs=keep_logprobs, judge=judge, prefix_cache=prefix_cache)
         return _evaluate_sharded(model, prompt_sets, batch_size, 0, 1, None, show_progress, options)
     _check_prompt_sets(prompt_sets)
     ref_ids = refusal_token_ids(model.tokenizer)
@@ -89,11 +96,16 @@ def evaluate_refusal(
         idx = order[a:b]
         chunk = [jobs[i] for i in idx]
         batch = tokenize_chat(model.tokenizer, [p for _, p in chunk], system)
+        extra = {}
+        prefix = prefix_cache.get(batch) if prefix_cache is not None else None
+        if prefix is not None:
+            batch = dataclasses.replace(batch, clean=prefix.clean)
+            extra["past_key_values"] = prefix.past_key_values(model)
         hooks, info = list(fwd_hooks), {}
         if plan is not None:
             plan_hooks, info = plan.hooks_for(model, batch)
             hooks += plan_hooks
-        replies, logits = generate_batch(model, batch, max_new_tokens, hooks)
+        replies, logits = generate_batch(model, batch, max_new_tokens, hooks, **extra)
         scores = refusal_score(logits, ref_ids).tolist()
         verdicts = judge.judge([p for _, p in chunk], replies)
         lp = torch.log_softmax(logits.float(), -1).cpu() if keep_logprobs else None

@@ -26,6 +26,7 @@ from torch import Tensor
 from ..chat import ChatBatch
 from ..directions.artifact import as_vector
 from ..evaluate import Evaluation, evaluate_refusal, first_token_kl, reply_cross_entropy
+from ..prefix import PrefixCache
 from ..progress import progress
 from ..vocab import BENIGN_LIKE, HARMFUL_LIKE
 from .controller import Controller, ControllerConfig
@@ -82,13 +83,14 @@ def _rates(ev: Evaluation) -> dict:
     return {k: round(float(v), 4) for k, v in ev.table.groupby("category", sort=False)["refused"].mean().items()}
 
 
-def _pick_alpha(model, make_plan, val: Mapping[str, Sequence[str]], grid, cc: CompareConfig, show: bool):
+def _pick_alpha(model, make_plan, val: Mapping[str, Sequence[str]], grid, cc: CompareConfig, show: bool,
+                prefix_cache=None):
     """Largest harmful-like refusal on val with benign and borderline refusal under their caps; returns
     (alpha, curve). Ties go to the smaller α (the grid is ascending)."""
     curve, best = [], None
-    for a in grid:
+    for a in progress(grid, "alpha sweep", show):
         rates = _rates(evaluate_refusal(model, val, cc.max_new_tokens, cc.batch_size, plan=make_plan(a),
-                                        show_progress=False))
+                                        show_progress=False, prefix_cache=prefix_cache))
         harm = sum(rates.get(c, 0) for c in HARMFUL_LIKE) / len(HARMFUL_LIKE)
         ok = rates.get("benign", 0) <= cc.max_benign_refusal and rates.get("borderline", 0) <= cc.max_borderline_refusal
         curve.append({"alpha": a, **rates})
@@ -164,6 +166,8 @@ def compare_methods(
     data = build_training_set(model, harmful_groups, benign_groups, ControllerConfig(**base_cfg),
                               show_progress=show_progress, store=store)
 
+    # every plan edits the last position only: each prompt's clean prefill is shared by all sweeps and methods
+    prefix = PrefixCache(model)
     plans: dict[str, SteeringPlan | None] = {}
     choices: dict = {"n_wrapped_negatives": n_wrapped}
     curves = []
@@ -175,13 +179,13 @@ def compare_methods(
             plans[name] = None
         elif name == "actadd":
             a, curve = _pick_alpha(model, lambda a: fixed_plan(d, a * alpha_unit / n, n), val,
-                                   cc.alpha_grid, cc, show_progress)
+                                   cc.alpha_grid, cc, show_progress, prefix)
             choices["actadd_alpha"] = a
             curves.append(curve.assign(method="actadd"))
             plans[name] = fixed_plan(d, a * alpha_unit / n, n)
         elif name == "actadd_layer":
             a, curve = _pick_alpha(model, lambda a: fixed_plan(d, a * alpha_unit, n, [layer], "actadd_layer"), val,
-                                   cc.alpha_grid, cc, show_progress)
+                                   cc.alpha_grid, cc, show_progress, prefix)
             choices["actadd_layer_alpha"] = a
             curves.append(curve.assign(method="actadd_layer"))
             plans[name] = fixed_plan(d, a * alpha_unit, n, [layer], "actadd_layer")
@@ -210,7 +214,7 @@ def compare_methods(
                 ctrl.cfg.alpha = a * alpha_unit * 2 / n  # w starts at 0.5: s=1 spreads α over all layers
                 return controller_plan(ctrl, d, "was_bce")
 
-            a, curve = _pick_alpha(model, make, val, cc.alpha_grid, cc, show_progress)
+            a, curve = _pick_alpha(model, make, val, cc.alpha_grid, cc, show_progress, prefix)
             choices["was_bce_alpha"] = a
             curves.append(curve.assign(method="was_bce"))
             plans[name] = make(a)
@@ -236,7 +240,7 @@ def compare_methods(
                 ctrl.cfg.alpha = base * k  # the operating point, picked on val like every baseline's α
                 return controller_plan(ctrl, d, "was_e2e")
 
-            k, curve = _pick_alpha(model, make, val, cc.e2e_scale_grid, cc, show_progress)
+            k, curve = _pick_alpha(model, make, val, cc.e2e_scale_grid, cc, show_progress, prefix)
             choices["was_e2e_scale"] = k
             curves.append(curve.assign(method="was_e2e"))
             plans[name] = make(k)
@@ -245,12 +249,13 @@ def compare_methods(
 
     results, tables = {}, {}
     reference = evaluate_refusal(model, test, cc.max_new_tokens, cc.batch_size, keep_logprobs=True,
-                                 show_progress=show_progress)
+                                 show_progress=show_progress, prefix_cache=prefix)
     ben = reference.table[reference.table["category"] == "benign"]
     ce_ref = None
     for name, plan in plans.items():
         ev = reference if plan is None else evaluate_refusal(
-            model, test, cc.max_new_tokens, cc.batch_size, plan=plan, keep_logprobs=True, show_progress=show_progress)
+            model, test, cc.max_new_tokens, cc.batch_size, plan=plan, keep_logprobs=True, show_progress=show_progress,
+            prefix_cache=prefix)
         tables[name] = ev.table.assign(method=name)
         results[name] = {"refusal_rate": _rates(ev), "kl_benign": round(first_token_kl(reference, ev, "benign"), 5)}
         if len(ben):
@@ -262,5 +267,6 @@ def compare_methods(
     if ce_ref is not None:
         for r in results.values():
             r["ce_benign_delta"] = round(r["ce_benign"] - ce_ref, 5)
+    choices["prefix_cache"] = prefix.stats()
     return {"methods": results, "tables": tables, "curves": pd.concat(curves) if curves else pd.DataFrame(),
             "controllers": controllers, "controller_directions": controller_directions, "choices": choices}

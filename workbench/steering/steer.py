@@ -33,12 +33,16 @@ def controller_inputs(
 
     Runs the prompt only up to the deepest input layer. ``pooling="last"`` takes the last prompt token,
     ``"post_instruction_mean"`` the mean over the ``batch.n_post`` post-instruction tokens
-    (:data:`~workbench.steering.controller.POOLING_POSITIONS`).
+    (:data:`~workbench.steering.controller.POOLING_POSITIONS`). A batch that carries its clean activations
+    (``batch.clean``, from a :class:`workbench.prefix.PrefixCache`) is read from them, without a forward.
     """
     if pooling not in POOLING_POSITIONS:
         raise WorkbenchError(f"unknown pooling {pooling!r}; expected one of {sorted(POOLING_POSITIONS)}")
     cols = position_index(POOLING_POSITIONS[pooling], batch.n_post)
     check_layers(input_layers, int(model.cfg.n_layers), context="input layers")
+    names = [hook_name(hook, l) for l in input_layers]
+    if batch.clean is not None and all(n in batch.clean for n in names):  # the post-instruction positions
+        return torch.stack([batch.clean[n][:, cols].mean(1) for n in names], dim=1).float()
     grabbed: dict[int, Tensor] = {}
     deepest = max(input_layers)
 
