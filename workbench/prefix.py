@@ -18,6 +18,7 @@ refuses a prefix cache together with ``fwd_hooks``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,9 +51,7 @@ class Prefix:
 
     def past_key_values(self, model):
         """A fresh Hugging Face cache holding the prefix (``generate`` extends it; the stored tensors stay)."""
-        from transformers import DynamicCache
-
-        return DynamicCache(ddp_cache_data=list(self.kv), config=model.original_model.config)
+        return past_key_values(model, self.kv)
 
 
 class PrefixCache:
@@ -111,24 +110,102 @@ class PrefixCache:
                 "entries": len(self._entries), "bytes": self.nbytes}
 
     def _compute(self, batch: ChatBatch) -> Prefix | None:
-        model = self.model
-        b = batch.to(model_device(model))
-        names = [hook_name(self.site, layer) for layer in range(int(model.cfg.n_layers))]
-        clean: dict[str, Tensor] = {}
+        got = clean_prefill(self.model, batch, self.site)
+        if got is None and not self.unsupported:
+            self.unsupported = "cache layers that cannot be cut"
+        return got
 
-        def grab(act: Tensor, hook) -> Tensor:
-            clean[hook.name] = act[:, -batch.n_post:].detach().clone()  # the model's dtype, as a forward reads it
-            return act
 
-        with torch.no_grad(), model.hooks(fwd_hooks=[(n, grab) for n in names]):
-            out = model.original_model(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                                       position_ids=positions_from_mask(b.attention_mask), use_cache=True)
-        cut = b.input_ids.shape[1] - 1
-        kinds = {type(layer).__name__ for layer in out.past_key_values.layers}
-        if kinds != {"DynamicLayer"}:
-            self.unsupported = f"cache layers {sorted(kinds)}"
-            warn_fallback(log, "prefix_cache", "%s cannot be cut before the last prompt token (%s): every steered "
-                          "evaluation prefills its prompts", type(model.original_model).__name__, self.unsupported)
-            return None
-        kv = [(layer.keys[:, :, :cut].clone(), layer.values[:, :, :cut].clone()) for layer in out.past_key_values.layers]
-        return Prefix(kv, clean)
+def clean_prefill(model, batch: ChatBatch, site: str | None = "resid_pre") -> Prefix | None:
+    """One clean forward of ``batch``: its keys and values before the last prompt token and (``site``) the clean
+    activations at the post-instruction positions of every layer. ``None`` (a fallback, logged) when the model's
+    cache cannot be cut before the last token (sliding-window or recurrent layers)."""
+    b = batch.to(model_device(model))
+    names = [hook_name(site, layer) for layer in range(int(model.cfg.n_layers))] if site else []
+    clean: dict[str, Tensor] = {}
+
+    def grab(act: Tensor, hook) -> Tensor:
+        clean[hook.name] = act[:, -batch.n_post:].detach().clone()  # the model's dtype, as a forward reads it
+        return act
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(n, grab) for n in names]):
+        out = model.original_model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                                   position_ids=positions_from_mask(b.attention_mask), use_cache=True)
+    cut = b.input_ids.shape[1] - 1
+    kinds = {type(layer).__name__ for layer in out.past_key_values.layers}
+    if kinds != {"DynamicLayer"}:
+        warn_fallback(log, "prefix_cache", "%s's cache (%s) cannot be cut before the last prompt token: its prompts "
+                      "are prefilled in full each time", type(model.original_model).__name__, sorted(kinds))
+        return None
+    kv = [(layer.keys[:, :, :cut].clone(), layer.values[:, :, :cut].clone()) for layer in out.past_key_values.layers]
+    return Prefix(kv, clean)
+
+
+def past_key_values(model, kv: list[tuple[Tensor, Tensor]]):
+    """A fresh Hugging Face cache holding ``kv`` (per layer keys and values; ``generate`` and forwards extend the
+    cache, the given tensors stay as they are)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=list(kv), config=model.original_model.config)
+
+
+class RowPrefixes:
+    """Every row's clean prefix (keys and values before its last prompt token), computed once in batches of
+    similar lengths and kept per row, so any subset of rows can be re-padded into a cache: what controller training
+    needs, which draws random rows at each step and steers only the last prompt token and the reply.
+
+    ``forward_tail(ids, rows, hooks)`` then runs just ``ids`` (each row's last prompt token followed by a reply)
+    on top of those rows' prefixes; its logits equal a full forward's at those positions.
+    """
+
+    def __init__(self, model, batch: ChatBatch, batch_size: int = 32, show_progress: bool = False):
+        from .batching import length_cuts
+        from .progress import progress
+
+        self.model = model
+        lengths = batch.lengths.tolist()
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        self.lengths = lengths
+        self.last = batch.input_ids[:, -1].clone()  # the last prompt token of every row (left padding)
+        self.kv: list = [None] * len(lengths)
+        self.supported = True
+        cuts = length_cuts([lengths[i] for i in order], batch_size)
+        for a, b in progress(cuts, "prefixes", show_progress):
+            idx = order[a:b]
+            width = max(lengths[i] for i in idx)
+            sub = ChatBatch(batch.input_ids[idx, -width:], batch.attention_mask[idx, -width:],
+                            [batch.texts[i] for i in idx], batch.n_post)
+            pre = clean_prefill(model, sub, site=None)
+            if pre is None:
+                self.supported = False
+                return
+            for j, i in enumerate(idx):
+                n = lengths[i] - 1
+                self.kv[i] = [(k[j, :, width - 1 - n:].clone(), v[j, :, width - 1 - n:].clone()) for k, v in pre.kv]
+
+    def forward_tail(self, rows: Sequence[int], tail: Tensor, hooks=()) -> Tensor:
+        """Logits ``Float[Tensor, "rows 1+r d_vocab"]`` of each row's last prompt token followed by ``tail``
+        (``Int[Tensor, "rows r"]``, may be empty), on top of the rows' cached prefixes; ``hooks`` active (they
+        see the ``1 + r`` new positions only). Differentiable in whatever the hooks add."""
+        device = model_device(self.model)
+        rows = list(rows)
+        n = [self.lengths[i] - 1 for i in rows]
+        width = max(n)
+        kv = []
+        for layer in range(len(self.kv[rows[0]])):
+            k0, v0 = self.kv[rows[0]][layer]
+            ks = k0.new_zeros((len(rows), k0.shape[0], width, k0.shape[-1]))
+            vs = v0.new_zeros((len(rows), v0.shape[0], width, v0.shape[-1]))
+            for j, i in enumerate(rows):
+                k, v = self.kv[i][layer]
+                ks[j, :, width - n[j]:] = k
+                vs[j, :, width - n[j]:] = v
+            kv.append((ks.to(device), vs.to(device)))
+        ids = torch.cat([self.last[rows][:, None].to(device), tail.to(device)], 1)
+        mask = torch.zeros((len(rows), width + ids.shape[1]), dtype=torch.long, device=device)
+        for j in range(len(rows)):
+            mask[j, width - n[j]:] = 1
+        pos = positions_from_mask(mask)[:, width:]
+        with self.model.hooks(fwd_hooks=list(hooks)):
+            return self.model.original_model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                             past_key_values=past_key_values(self.model, kv), use_cache=True).logits

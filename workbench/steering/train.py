@@ -26,6 +26,7 @@ from ..generation import greedy_continuations
 from ..errors import WorkbenchError
 from ..judge import refusal_score, refusal_token_ids
 from ..models import fingerprint, model_device
+from ..prefix import RowPrefixes
 from ..progress import progress
 from .controller import POOLING_POSITIONS, Controller, ControllerConfig, direction_fingerprint
 from .hooks import steering_hooks
@@ -151,12 +152,17 @@ class E2EWeights:
 
 def train_e2e(model, direction: Tensor, data: TrainingSet, cfg: ControllerConfig, steps: int = 300,
               batch_size: int = 32, lr: float = 3e-3, weights: E2EWeights | None = None, seed: int = 0,
-              refusal_reply: str | None = None, show_progress: bool = True) -> tuple[Controller, list[dict]]:
+              refusal_reply: str | None = None, show_progress: bool = True,
+              prefix: bool = True) -> tuple[Controller, list[dict]]:
     """End-to-end objective through the frozen model (see module docstring).
 
     Args:
         refusal_reply: the reply harmful prompts should get (e.g. :func:`typical_refusal`); its mean
             teacher-forced NLL under the patch is added with weight ``weights.reply``.
+        prefix: compute each prompt's clean keys and values before its last token once
+            (:class:`workbench.prefix.RowPrefixes`) and run only the last prompt token and the reply at each step
+            (the patch edits nothing earlier); ``False``: every step runs the whole prompts (the same losses, to
+            float precision; on the real data preset's 500-token jailbreaks, tens of times slower).
     """
     weights = weights or E2EWeights()
     torch.manual_seed(seed)
@@ -183,6 +189,9 @@ def train_e2e(model, direction: Tensor, data: TrainingSet, cfg: ControllerConfig
             rows = neg_rows[s:s + 64]
             cont[rows] = greedy_continuations(model, _rows(data.batch, torch.tensor(rows)), len(reply_ids)).to(device)
 
+    prefixes = RowPrefixes(model, data.batch, show_progress=show_progress) if prefix else None
+    if prefixes is not None and not prefixes.supported:
+        prefixes = None  # a fallback, logged by clean_prefill
     opt = torch.optim.Adam(ctrl.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     pos = (data.labels == 1).nonzero().squeeze(-1)
@@ -192,34 +201,42 @@ def train_e2e(model, direction: Tensor, data: TrainingSet, cfg: ControllerConfig
     for _ in progress(range(steps), "train e2e", show_progress):
         idx = torch.cat([pos[torch.randint(len(pos), (half,), generator=gen)],
                          neg[torch.randint(len(neg), (half,), generator=gen)]])
-        sub = _rows(data.batch, idx).to(device)
         x = data.inputs[idx].to(device)
         s, w = ctrl(x)
         coeffs = s[:, None] * w * cfg.alpha
-        ids, mask, n_prompt = sub.input_ids, sub.attention_mask, sub.input_ids.shape[1]
-        if cont is not None:
-            c = cont[idx.to(device)]
-            ids = torch.cat([ids, c], 1)
-            mask = torch.cat([mask, torch.ones_like(c, dtype=mask.dtype)], 1)
+        c = cont[idx.to(device)] if cont is not None else None
         y = data.labels[idx].to(device)
         ben = y == 0
-        # the unsteered reference, only for the benign rows the KL uses; computed per step, because stored
-        # for every prompt it would be n_benign x (reply + 1) x d_vocab floats (GBs for a 128k vocabulary)
-        with torch.no_grad():
-            ref = torch.log_softmax(model(ids[ben], attention_mask=mask[ben])[:, n_prompt - 1:].float(), -1)
         # teacher-forced: the last prompt token and every reply token, as in steered generation
         hooks = steering_hooks(coeffs, direction.to(device), cfg.steer_hook,
-                               ("last_k", c.shape[1] + 1) if cont is not None else "last")
-        with model.hooks(fwd_hooks=hooks):
-            logp = torch.log_softmax(model(ids, attention_mask=mask)[:, n_prompt - 1:].float(), -1)
+                               ("last_k", c.shape[1] + 1) if c is not None else "last")
+        if prefixes is not None:
+            tail = c if c is not None else torch.zeros((len(idx), 0), dtype=torch.long, device=device)
+            rows = idx.tolist()
+            with torch.no_grad():  # the unsteered reference of the benign rows the KL uses
+                ref = torch.log_softmax(prefixes.forward_tail([r for r, b in zip(rows, ben.tolist()) if b],
+                                                              tail[ben]).float(), -1)
+            logp = torch.log_softmax(prefixes.forward_tail(rows, tail, hooks).float(), -1)
+        else:
+            sub = _rows(data.batch, idx).to(device)
+            ids, mask, n_prompt = sub.input_ids, sub.attention_mask, sub.input_ids.shape[1]
+            if c is not None:
+                ids = torch.cat([ids, c], 1)
+                mask = torch.cat([mask, torch.ones_like(c, dtype=mask.dtype)], 1)
+            # the unsteered reference, only for the benign rows the KL uses; computed per step, because stored
+            # for every prompt it would be n_benign x (reply + 1) x d_vocab floats (GBs for a 128k vocabulary)
+            with torch.no_grad():
+                ref = torch.log_softmax(model(ids[ben], attention_mask=mask[ben])[:, n_prompt - 1:].float(), -1)
+            with model.hooks(fwd_hooks=hooks):
+                logp = torch.log_softmax(model(ids, attention_mask=mask)[:, n_prompt - 1:].float(), -1)
         score = refusal_score(logp[:, 0], ref_ids)
         refuse_loss = (F.softplus(-score) * y).sum() / y.sum().clamp_min(1)
         reply_loss = torch.zeros((), device=device)
-        if cont is not None:
+        if c is not None:
             nll = -logp[:, :-1].gather(-1, c[..., None])[..., 0].mean(1)
             reply_loss = (nll * y).sum() / y.sum().clamp_min(1)
         kl_pos = (ref.exp() * (ref - logp[ben])).sum(-1)
-        kl_pos = kl_pos[:, :-1] if cont is not None else kl_pos
+        kl_pos = kl_pos[:, :-1] if c is not None else kl_pos
         kl = kl_pos.mean(1).sum() / ben.sum().clamp_min(1)
         l1 = w.mean()
         detect = (F.binary_cross_entropy_with_logits(ctrl.scale_logit(x)[0], y) if weights.detect
