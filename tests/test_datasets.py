@@ -235,8 +235,8 @@ def test_load_benchmark_and_prompt_sets(tmp_path):
     assert wd.prompt_sets(f"xstest={path}", category="xs") == {"xs_safe": ["p1"], "xs_unsafe": ["p2"]}
     assert wd.prompt_sets(str(path)) == {"xs": ["p1", "p2"]}
     assert wd.prompt_sets(str(path), column="label", category="labels", limit=1) == {"labels": ["safe"]}
-    with pytest.raises(WorkbenchError, match=r"unknown benchmark 'harmbench'.*'advbench'"):
-        wd.load_benchmark("harmbench")
+    with pytest.raises(WorkbenchError, match=r"unknown benchmark 'wildguard'.*'advbench'"):
+        wd.load_benchmark("wildguard")
     with pytest.raises(WorkbenchError, match=r"unknown benchmark 'nope'"):
         wd.prompt_sets(f"nope={path}")
 

