@@ -57,12 +57,16 @@ class SelectionConfig:
         induce_threshold: keep candidates with ``induce_score > induce_threshold``.
         prune_layer_fraction: discard candidates in the last ``prune_layer_fraction`` of the layers.
         batch_size: rows (candidate x prompt pairs) per forward pass.
+        max_prompts: score the candidates on at most this many prompts of each validation set (the first ones;
+            ``None``: all). The sweeps cost candidates x prompts forwards: on a 30-layer model with six
+            post-instruction positions, 64 prompts are ~35 000 forwards a sweep, an hour on 2 CPU cores.
     """
 
     kl_threshold: float = 0.1
     induce_threshold: float = 0.0
     prune_layer_fraction: float = 0.2
     batch_size: int = 64
+    max_prompts: int | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.prune_layer_fraction < 1.0:
@@ -71,6 +75,8 @@ class SelectionConfig:
             raise WorkbenchError(f"kl_threshold must be >= 0, got {self.kl_threshold}")
         if self.batch_size < 1:
             raise WorkbenchError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise WorkbenchError(f"max_prompts must be >= 1 (or None: every validation prompt), got {self.max_prompts}")
 
 
 # ----------------------------------------------------------------------------------------- forwards
@@ -166,6 +172,7 @@ def score_candidates(
     cfg = config or SelectionConfig()
     _check_prompts(harmful_val, "the harmful validation set")
     _check_prompts(benign_val, "the benign validation set")
+    harmful_val, benign_val = list(harmful_val)[:cfg.max_prompts], list(benign_val)[:cfg.max_prompts]
     d = int(model.cfg.d_model)
     if candidates.d_model != d:
         raise WorkbenchError(f"candidates have d_model={candidates.d_model} but the model has d_model={d}")
@@ -358,7 +365,7 @@ def find_refusal_direction(
     direction = Direction.from_vector(
         model, cands.vector(layer, pos), layer, pos, method, scores=row,
         meta={"selection": asdict(cfg), "n_harmful_train": len(harmful_train), "n_benign_train": len(benign_train),
-              "n_harmful_val": len(harmful_val), "n_benign_val": len(benign_val),
+              "n_harmful_val": len(harmful_val[:cfg.max_prompts]), "n_benign_val": len(benign_val[:cfg.max_prompts]),
               "model": getattr(model, "_wb_source", {}).get("name"), "method": method, "selection_rule": rule,
               **extra},
     )

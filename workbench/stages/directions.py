@@ -69,6 +69,9 @@ class DirectionsConfig:
     #: candidates: diff_in_means (harmful minus benign prompts), caa (refusal minus compliance answer starts after
     #: the same prompts, Rimsky et al. 2024) or both
     method: Literal["diff_in_means", "caa", "both"] = "diff_in_means"
+    #: the difference-in-means candidates' positions, negative offsets within the post-instruction tokens
+    #: (default: all of them); CAA's are ``caa.answer_positions``
+    positions: tuple[int, ...] | None = None
     #: answer starts and positions of CAA
     caa: CAAConfig = field(default_factory=CAAConfig)
     #: auto (induce when the model does not refuse, else bypass), bypass (lowest bypass score) or induce (highest
@@ -166,8 +169,9 @@ def find_and_check(model, method: str, prompts, check_prompts, config: Direction
 
     h_tr, b_tr, h_va, b_va = prompts
     sel_cfg = config.selection
+    positions = list(config.positions) if config.positions and method == "diff_in_means" else None
     sel = find_refusal_direction(model, h_tr, b_tr, h_va, b_va, sel_cfg, store=store, show_progress=show_progress,
-                                 method=method, caa=config.caa, rule=rule)
+                                 method=method, caa=config.caa, rule=rule, positions=positions)
     d = sel.direction
     kw = {"store": store, "batch_size": sel_cfg.batch_size, "show_progress": show_progress}
     if method == "caa":
