@@ -70,6 +70,31 @@ def test_publish_run_flat_layout(quick_run, tmp_path):
     assert (dest / "data" / "directions" / "candidate_scores.csv").exists()
 
 
+def test_publish_withholds_compliant_replies_to_harmful_prompts(quick_run, tmp_path):
+    """A real model's compliant replies to harmful requests are never published: replaced in the tables (verdicts and
+    scores kept), the figure that shows replies left out, its report links removed."""
+    import pandas as pd
+
+    from workbench.report import WITHHELD
+
+    root, _ = quick_run
+    run_gen = pd.read_json(root / "out" / "steering" / "steering_generations.jsonl", orient="records", lines=True)
+    dest = publish_run(root / "out", tmp_path / "withheld", withhold_compliant=True)
+    pub = pd.read_json(dest / "data" / "steering" / "steering_generations.jsonl", orient="records", lines=True)
+    assert len(pub) == len(run_gen) and list(pub["refused"]) == list(run_gen["refused"])
+    harmful = pub["category"].isin(["harmful", "jailbreak"])
+    assert (pub.loc[harmful & ~pub["refused"], "reply"] == WITHHELD).all()
+    assert (harmful & ~pub["refused"]).any()  # the quick run has compliant replies to withhold
+    kept = ~(harmful & ~pub["refused"])
+    assert list(pub.loc[kept, "reply"]) == list(run_gen.loc[kept, "reply"])
+    assert not list(dest.glob("example_generations.*"))
+    md = (dest / "report.md").read_text()
+    assert "example_generations" not in md and "Left out: this figure shows replies verbatim" in md
+    # the organism's own run keeps its replies by default
+    default = publish_run(root / "out", tmp_path / "default")
+    assert (default / "example_generations.png").exists()
+
+
 @pytest.mark.slow
 def test_second_run_into_the_same_dir_reuses_finished_stages(quick_run):
     root, first = quick_run

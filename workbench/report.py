@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 
 
@@ -98,12 +99,54 @@ PUBLISHED_DATA = (
 )
 
 
-def publish_run(run_dir: str | Path, dest: str | Path = "figures") -> Path:
+#: what replaces a reply to a harmful or jailbreak prompt that was not refused, in published tables
+WITHHELD = "[withheld: reply not judged a refusal]"
+#: figures that show replies verbatim; left out of a publication that withholds compliant replies
+REPLY_FIGURES = ("example_generations",)
+
+
+def withhold_compliant_replies(table):
+    """A copy of ``table`` (with ``reply`` and ``category`` columns) whose replies to harmful-like prompts that
+    were not refused (``refused`` false or missing) read :data:`WITHHELD`; the verdicts and scores stay."""
+    from .vocab import HARMFUL_LIKE
+
+    out = table.copy()
+    harmful = out["category"].isin(list(HARMFUL_LIKE))
+    refused = out["refused"].fillna(False).astype(bool) if "refused" in out.columns else False
+    out.loc[harmful & ~refused, "reply"] = WITHHELD
+    return out
+
+
+def _withhold_in_file(path: Path) -> None:
+    import pandas as pd
+
+    if path.suffix == ".jsonl":
+        table = pd.read_json(path, orient="records", lines=True)
+    elif path.suffix == ".csv":
+        table = pd.read_csv(path)
+    else:
+        return
+    if not {"reply", "category"} <= set(table.columns):
+        return
+    table = withhold_compliant_replies(table)
+    if path.suffix == ".jsonl":
+        table.to_json(path, orient="records", lines=True)
+    else:
+        table.to_csv(path, index=False)
+
+
+def publish_run(run_dir: str | Path, dest: str | Path = "figures", withhold_compliant: bool | None = None) -> Path:
     """Copy a main-job run's figures, report and small data tables into ``dest`` (the repository's ``figures/``).
 
     Layout: ``dest/*.png|*.html`` (+ one ``plotly.min.js``), ``dest/report.md`` and ``report.html`` with links
     rewritten to the flat layout, and ``dest/data/`` with the tables of :data:`PUBLISHED_DATA` (the
     paper-figures notebook rebuilds the figures from them). Old files in ``dest`` are replaced, not merged.
+
+    Args:
+        withhold_compliant: replace every reply to a harmful or jailbreak prompt that was not refused by
+            :data:`WITHHELD` in the published tables and leave out the figures of :data:`REPLY_FIGURES` (a
+            real model's compliant replies to harmful requests are never published; verdicts and scores are).
+            ``None``: on for every model but the organism, whose replies are its own templates.
     """
     import shutil
 
@@ -112,21 +155,37 @@ def publish_run(run_dir: str | Path, dest: str | Path = "figures") -> Path:
     run, dest = Path(run_dir), Path(dest)
     if not (run / "summary.json").exists() or not (run / "figures").is_dir():
         raise WorkbenchError(f"{run} is not a finished main-job run (no summary.json or figures/); run `workbench run` first")
+    if withhold_compliant is None:
+        withhold_compliant = json.loads((run / "summary.json").read_text()).get("model") != "organism"
     if dest.exists():
         for p in dest.iterdir():
             shutil.rmtree(p) if p.is_dir() else p.unlink()
     dest.mkdir(parents=True, exist_ok=True)
+    left_out = set()
     for p in sorted((run / "figures").iterdir()):
+        if withhold_compliant and p.stem in REPLY_FIGURES:
+            left_out.add(p.stem)
+            continue
         if p.is_file():
             shutil.copy2(p, dest / p.name)
     for name in ("report.md", "report.html"):
         if (run / name).exists():
             text = (run / name).read_text()
-            (dest / name).write_text(text.replace("](figures/", "](").replace("src='figures/", "src='"))
+            text = text.replace("](figures/", "](").replace("src='figures/", "src='")
+            for stem in sorted(left_out):
+                note = "Left out: this figure shows replies verbatim; the verdicts are in data/steering/."
+                if name == "report.md":
+                    text = re.sub(rf"!\[[^\]]*\]\({stem}\.png\)", note, text)
+                    text = text.replace(f"[interactive]({stem}.html)", "")
+                else:
+                    text = text.replace(f"src='{stem}.html'", f"srcdoc='{note}'")
+            (dest / name).write_text(text)
     data = dest / "data"
     for pattern in PUBLISHED_DATA:
         for src in sorted(run.glob(pattern)):
             target = data / src.relative_to(run)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, target)
+            if withhold_compliant:
+                _withhold_in_file(target)
     return dest
