@@ -6,6 +6,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -446,3 +447,16 @@ def test_cli_directions_on_a_tiny_organism(tmp_path, tiny_dir, monkeypatch, caps
     d = wd.Direction.load(out / "direction")
     assert (d.layer, d.position) == (res["selected"]["layer"], res["selected"]["position"])
     assert len(pd.read_csv(out / "candidate_scores.csv")) == 2 * 5
+
+
+def test_max_prompts_scores_on_the_first_validation_prompts(tiny_model):
+    c = wd.candidate_directions(tiny_model, HARMFUL, HARMLESS, show_progress=False)
+    capped = wd.score_candidates(tiny_model, c, HARMFUL, HARMLESS, wd.SelectionConfig(max_prompts=2),
+                                 show_progress=False)
+    by_hand = wd.score_candidates(tiny_model, c, HARMFUL[:2], HARMLESS[:2], wd.SelectionConfig(), show_progress=False)
+    full = wd.score_candidates(tiny_model, c, HARMFUL, HARMLESS, wd.SelectionConfig(), show_progress=False)
+    cols = ["bypass_score", "induce_score", "kl"]
+    assert np.allclose(capped[cols].to_numpy(), by_hand[cols].to_numpy(), equal_nan=True, atol=1e-5)
+    assert not np.allclose(capped[cols].to_numpy(), full[cols].to_numpy(), equal_nan=True, atol=1e-5)
+    with pytest.raises(WorkbenchError, match="max_prompts must be >= 1"):
+        wd.SelectionConfig(max_prompts=0)
