@@ -1,7 +1,8 @@
 """Benchmark of the store against a bare forward and TransformerLens ``run_with_cache`` (``workbench bench cache``).
 
 In one process, on the same pre-tokenised batches, per model (a random-weight Llama with d_model 512 and 8
-layers, and the organism when it is built):
+layers, and the organism when it is built; or only the model named by ``--model``, on short real prompts, see
+:mod:`workbench.bench.prompts`):
 
 * ``bare``: ``model(input_ids, attention_mask=...)`` under ``torch.inference_mode``, logits and all;
 * ``store``: :func:`get_or_compute` of ``resid_pre`` at every layer, post-instruction positions, into a fresh
@@ -172,10 +173,12 @@ def _time_model(model, prompts: list[str], batch_size: int, repeats: int) -> dic
     }
 
 
-def _rss_child(model_path: str, n_prompts: int, batch_size: int, threads: int | None, base: int) -> dict:
+def _rss_child(model_path: str, n_prompts: int, batch_size: int, threads: int | None, base: int,
+               real: bool = False) -> dict:
     """Run in a fresh process: load the model, compute one entry, stream a reduction, report peak RSS.
 
-    The prompts are the ``base`` synthetic prompts repeated up to ``n_prompts``, so 1x and 4x runs see batches
+    The prompts are the ``base`` synthetic prompts (``real``: the named model's prompts,
+    :func:`~workbench.bench.prompts.model_prompts`) repeated up to ``n_prompts``, so 1x and 4x runs see batches
     of the same lengths and only the number of prompts differs."""
     if threads:
         torch.set_num_threads(threads)
@@ -186,7 +189,13 @@ def _rss_child(model_path: str, n_prompts: int, batch_size: int, threads: int | 
     import gc
 
     model = load_model(model_path, device="cpu")
-    prompts = (synthetic_prompts(base, seed=1) * (n_prompts // base + 1))[:n_prompts]
+    if real:
+        from .prompts import model_prompts
+
+        base_prompts = model_prompts(base, synthetic_prompts)[0]
+    else:
+        base_prompts = synthetic_prompts(base, seed=1)
+    prompts = (base_prompts * (n_prompts // base + 1))[:n_prompts]
     gc.collect()
     after_load = _maxrss_mb()
     rss_loaded = _current_rss_mb()
@@ -209,11 +218,13 @@ def _rss_child(model_path: str, n_prompts: int, batch_size: int, threads: int | 
             "seconds": round(seconds, 2), "stored_mb": round(stored_mb, 2)}
 
 
-def _rss(model_path: str, n_prompts: int, factor: int, batch_size: int, threads: int | None) -> dict:
+def _rss(model_path: str, n_prompts: int, factor: int, batch_size: int, threads: int | None,
+         real: bool = False) -> dict:
     out = {}
     for label, n in (("1x", n_prompts), (f"{factor}x", n_prompts * factor)):
         cmd = [sys.executable, "-m", "workbench.bench.cache", "--rss-child", model_path, "--n-prompts", str(n),
                "--rss-prompts", str(n_prompts), "--batch-size", str(batch_size)] + (["--threads", str(threads)] if threads else [])
+        cmd += ["--rss-real"] if real else []
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if proc.returncode != 0:
@@ -239,10 +250,14 @@ def run_benchmark(
     rss_factor: int = 4,
     organism: bool = True,
     threads: int | None = None,
+    model: str | None = None,
 ) -> dict:
     """Run the benchmark (see the module docstring) and return its figures as a dict.
 
     The top-level ratios are those of the random d_model 512 / 8-layer Llama; ``models`` has every model's.
+    ``model``: instead, only this model (any name :func:`workbench.load_model` accepts) on short real prompts
+    (synthetic ones where the real data cannot be loaded); the JSON names it (``model``) and says which prompts
+    (``prompts``), and the top-level ratios and ``rss_mb`` are its own.
     """
     from ..errors import WorkbenchError
     from ..models import load_model
@@ -250,6 +265,8 @@ def run_benchmark(
 
     if threads:
         torch.set_num_threads(threads)
+    if model is not None:
+        return _run_named(model, n_prompts, batch_size, repeats, rss_prompts, rss_factor, threads)
     result: dict = {"models": {}}
     with tempfile.TemporaryDirectory(prefix="wb-bench-") as tmp:
         path = make_tiny_chat_model(Path(tmp) / "llama512", d_model=512, n_layers=8, n_heads=8, n_kv_heads=4,
@@ -268,19 +285,40 @@ def run_benchmark(
             except WorkbenchError as exc:
                 result["models"]["organism"] = {"skipped": str(exc)}
         result["rss_mb"] = _rss(str(path), rss_prompts, rss_factor, batch_size, threads)
-    main = result["models"]["random_llama_d512_l8"]
-    result = {
+    return _summary(result["models"], "random_llama_d512_l8", result["rss_mb"], n_prompts, batch_size, repeats,
+                    rss_prompts, rss_factor)
+
+
+def _summary(models: dict, head: str, rss_mb: dict, n_prompts: int, batch_size: int, repeats: int, rss_prompts: int,
+             rss_factor: int) -> dict:
+    """The benchmark's JSON: the top-level ratios are those of ``models[head]``."""
+    main = models[head]
+    return {
         "ratio_store_vs_forward": main["ratio_store_vs_forward"],
         "ratio_tl_cache_all_vs_forward": main["ratio_tl_cache_all_vs_forward"],
         "ratio_tl_cache_filtered_vs_forward": main["ratio_tl_cache_filtered_vs_forward"],
-        "rss_mb": result["rss_mb"],
-        "models": result["models"],
+        "rss_mb": rss_mb,
+        "models": models,
         "settings": {"n_prompts": n_prompts, "batch_size": batch_size, "repeats": repeats,
                      "rss_prompts": [rss_prompts, rss_prompts * rss_factor], "torch_threads": torch.get_num_threads(),
                      "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
                      "hooks": "resid_pre, every layer", "positions": "post_instruction", "dtype": "float32"},
     }
-    return result
+
+
+def _run_named(model: str, n_prompts: int, batch_size: int, repeats: int, rss_prompts: int, rss_factor: int,
+               threads: int | None) -> dict:
+    """:func:`run_benchmark` on one named model (``--model NAME``), on its prompts (:mod:`.prompts`)."""
+    from ..models import load_model
+    from .prompts import model_prompts
+
+    prompts, source = model_prompts(n_prompts, synthetic_prompts)
+    loaded = load_model(model, device="cpu")
+    timed = _time_model(loaded, prompts, batch_size, repeats)
+    del loaded
+    rss_mb = _rss(model, rss_prompts, rss_factor, batch_size, threads, real=True)
+    out = _summary({model: timed}, model, rss_mb, n_prompts, batch_size, repeats, rss_prompts, rss_factor)
+    return {"model": model, **out, "prompts": source}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,12 +330,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rss-prompts", type=int, default=64)
     p.add_argument("--no-organism", action="store_true")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--model", default=None, help="only this model (a workbench.load_model name), on real prompts")
+    p.add_argument("--rss-real", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.rss_child:
-        print(json.dumps(_rss_child(a.rss_child, a.n_prompts, a.batch_size, a.threads, a.rss_prompts)))
+        print(json.dumps(_rss_child(a.rss_child, a.n_prompts, a.batch_size, a.threads, a.rss_prompts, a.rss_real)))
         return 0
     print(json.dumps(run_benchmark(a.n_prompts, a.batch_size, a.repeats, a.rss_prompts, organism=not a.no_organism,
-                                   threads=a.threads), indent=2))
+                                   threads=a.threads, model=a.model), indent=2))
     return 0
 
 

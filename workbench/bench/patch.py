@@ -4,6 +4,11 @@ Both run in one process on the same model, pairs and metric: ours is :func:`prep
 (both forwards included), the peer is ``run_with_cache`` on the clean prompts + ``get_act_patch_resid_pre``
 (one forward per layer x position cell). ``get_act_patch_resid_pre`` passes no attention mask, so the pairs
 are chosen with one common token length (no padding). Times are medians of ``repeats`` interleaved runs.
+
+A model named in ``--models`` other than ``organism`` and ``random512`` (any name :func:`workbench.load_model`
+accepts, e.g. ``smollm2-135m-instruct``) is patched on short real harmful / benign test prompts matched by token
+length, at the shortest length with ``n_pairs`` pairs (the peer's cost grows with the square of the length);
+synthetic pairs where the real data cannot be loaded (:mod:`workbench.bench.prompts`).
 """
 
 from __future__ import annotations
@@ -46,11 +51,16 @@ def candidate_pairs(limit: int = 400) -> tuple[list[str], list[str]]:
     return clean, corrupted
 
 
-def same_length_pairs(tokenizer, clean: list[str], corrupted: list[str], n_pairs: int) -> PromptPairs:
-    """Up to ``n_pairs`` equal-length pairs that all share the most common token length (no padding at all)."""
+def same_length_pairs(tokenizer, clean: list[str], corrupted: list[str], n_pairs: int,
+                      shortest: bool = False) -> PromptPairs:
+    """Up to ``n_pairs`` equal-length pairs that all share the most common token length (no padding at all);
+    ``shortest``: the shortest length with ``n_pairs`` pairs instead (the most common when none has)."""
     pairs = make_pairs(tokenizer, clean, corrupted, drop_unequal=True)
     lengths = pairs.attention_mask.sum(-1).tolist()
-    common, _ = Counter(lengths).most_common(1)[0]
+    counts = Counter(lengths)
+    common, _ = counts.most_common(1)[0]
+    if shortest:
+        common = min((n for n, c in counts.items() if c >= n_pairs), default=common)
     keep, seen = [], set()
     for i, n in enumerate(lengths):
         if n == common and pairs.clean[i] not in seen:
@@ -59,6 +69,23 @@ def same_length_pairs(tokenizer, clean: list[str], corrupted: list[str], n_pairs
         if len(keep) >= n_pairs:
             break
     return make_pairs(tokenizer, [pairs.clean[i] for i in keep], [pairs.corrupted[i] for i in keep])
+
+
+def real_pairs(tokenizer, n_pairs: int) -> tuple[PromptPairs, dict]:
+    """``n_pairs`` pairs of a short real harmful and benign test prompt of one common token length, the shortest
+    with ``n_pairs`` pairs, and their ``pairs`` record; synthetic pairs (:func:`candidate_pairs`) where the real data
+    cannot be loaded or has no equal-length pairs."""
+    from ..patching.pairs import pairs_by_length
+    from .prompts import REAL_SOURCE, fell_back, real_prompts
+
+    try:
+        matched = pairs_by_length(tokenizer, *real_prompts(), limit=None)
+        source = {"source": f"{REAL_SOURCE}; matched by token length, the shortest length with n_pairs pairs"}
+        clean, corrupted = matched.clean, matched.corrupted
+    except WorkbenchError as exc:
+        source = fell_back(exc, "synthetic pairs (candidate_pairs: the organism's request templates)")
+        clean, corrupted = candidate_pairs()
+    return same_length_pairs(tokenizer, clean, corrupted, n_pairs, shortest=True), source
 
 
 @contextlib.contextmanager
@@ -151,7 +178,9 @@ def bench_patch(models: tuple[str, ...] = ("organism", "random512"), n_pairs: in
 
     Args:
         models: ``"organism"`` (skipped with a note when it is not built), ``"random512"`` (a random-weight
-            Llama, d_model 512, 8 layers, GQA 8/4 heads, d_mlp 1376, written to a temp dir) or model paths.
+            Llama, d_model 512, 8 layers, GQA 8/4 heads, d_mlp 1376, written to a temp dir) or any other name
+            :func:`workbench.load_model` accepts (a registered real model, a path...), patched on
+            :func:`real_pairs` (its details say which under ``pairs``).
         n_pairs: pairs per sweep. repeats: timing repeats (median reported).
 
     Returns:
@@ -176,8 +205,10 @@ def bench_patch(models: tuple[str, ...] = ("organism", "random512"), n_pairs: in
             except WorkbenchError as exc:
                 out["skipped"][name] = str(exc)
                 continue
-            pairs = None
-            if name == "organism":
+            pairs, source = None, None
+            if name not in ("organism", "random512"):
+                pairs, source = real_pairs(model.tokenizer, n_pairs)
+            elif name == "organism":
                 from ..models import organism_dir
                 from ..patching.pairs import read_pairs
 
@@ -188,6 +219,8 @@ def bench_patch(models: tuple[str, ...] = ("organism", "random512"), n_pairs: in
             if pairs is None:
                 pairs = same_length_pairs(model.tokenizer, clean, corrupted, n_pairs)
             out["models"][name] = bench_model(model, pairs, repeats, show_progress)
+            if source is not None:
+                out["models"][name]["pairs"] = source
             del model
     if not out["models"]:
         raise WorkbenchError(f"no model could be benchmarked: {out['skipped']}")

@@ -1,7 +1,10 @@
 """``workbench bench steer``: steered vs unsteered generation, batched vs per-prompt, in one process.
 
 Every run generates exactly ``max_new_tokens`` tokens (``min_new_tokens`` pins the length), so the timings
-compare the same work. The steered run includes the controller's clean prefill.
+compare the same work. The steered run includes the controller's clean prefill. The steering is that of a freshly
+initialised (untrained) :class:`Controller` reading the last 4 layers and a random unit direction, so it runs on
+any model: the timing is measured, not the behaviour. ``--model NAME`` runs on that model only (any name
+:func:`workbench.load_model` accepts), on short real prompts (:mod:`workbench.bench.prompts`).
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ def bench_steer_model(model, prompts: list[str], max_new_tokens: int = 24, repea
     """Timings on one model: batched unsteered, batched steered, per-prompt steered (same prompts)."""
     n, d = int(model.cfg.n_layers), int(model.cfg.d_model)
     torch.manual_seed(0)
-    ctrl = Controller(ControllerConfig(d_model=d, n_layers=n, input_layers=list(range(max(0, n - 4), n)), alpha=1.0))
+    cfg = ControllerConfig(d_model=d, n_layers=n, input_layers=list(range(max(0, n - 4), n)), alpha=1.0)
+    ctrl = Controller(cfg)
     direction = torch.randn(d)
     plan = controller_plan(ctrl, unit(direction))
     fixed = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
@@ -63,15 +67,36 @@ def bench_steer_model(model, prompts: list[str], max_new_tokens: int = 24, repea
                     "steered_per_prompt": round(t_pp, 4)},
         "ratio_steered_vs_unsteered": round(t_st / t_un, 3),
         "speedup_batched_vs_per_prompt": round(t_pp / t_st, 2),
+        "steering": {"plan": "controller_plan: coefficients s*w*alpha on resid_pre of every layer",
+                     "controller": f"freshly initialised (untrained, torch seed 0), input {cfg.input_hook} of layers "
+                                   f"{cfg.input_layers}, pooling {cfg.pooling}, alpha {cfg.alpha}",
+                     "direction": "random unit vector (torch seed 0)"},
     }
 
 
-def bench_steer(batch: int = 32, max_new_tokens: int = 24, repeats: int = 3, random_model: bool = True) -> dict:
-    """The benchmark JSON: the organism (when present) and a random d_model 512 / 8-layer Llama."""
+def _word_prompts(n: int) -> list[str]:
+    """``n`` short synthetic prompts (the random Llama's)."""
+    words = "How do I bake bread write a poem about the sea explain hack into bank account".split()
+    return [" ".join(words[i % 7: i % 7 + 4 + i % 5]) + "?" for i in range(n)]
+
+
+def bench_steer(batch: int = 32, max_new_tokens: int = 24, repeats: int = 3, random_model: bool = True,
+                model: str | None = None) -> dict:
+    """The benchmark JSON: the organism (when present) and a random d_model 512 / 8-layer Llama; ``model``:
+    instead, only that model (any name :func:`workbench.load_model` accepts), named by ``model`` in the JSON, on
+    short real prompts (``prompts`` says which, or the fallback to synthetic ones)."""
     from ..data import organism_prompts
     from ..models import load_model
     from ..testing import make_tiny_chat_model
 
+    if model is not None:
+        from .prompts import model_prompts
+
+        prompts, source = model_prompts(batch, _word_prompts)
+        res = bench_steer_model(load_model(model, device="cpu"), prompts, max_new_tokens, repeats)
+        return {"model": model, "ratio_steered_vs_unsteered": res["ratio_steered_vs_unsteered"],
+                "speedup_batched_vs_per_prompt": res["speedup_batched_vs_per_prompt"], "models": {model: res},
+                "prompts": source}
     out = {}
     try:
         organism = load_model("organism", device="cpu")
@@ -83,10 +108,8 @@ def bench_steer(batch: int = 32, max_new_tokens: int = 24, repeats: int = 3, ran
         with tempfile.TemporaryDirectory() as tmp:
             path = make_tiny_chat_model(tmp + "/m", family="llama3", d_model=512, n_layers=8, n_heads=8,
                                         n_kv_heads=4, d_mlp=1376)
-            model = load_model(str(path), device="cpu")
-            words = "How do I bake bread write a poem about the sea explain hack into bank account".split()
-            prompts = [" ".join(words[i % 7: i % 7 + 4 + i % 5]) + "?" for i in range(batch)]
-            out["random_llama_512x8"] = bench_steer_model(model, prompts, max_new_tokens, repeats)
+            llama = load_model(str(path), device="cpu")
+            out["random_llama_512x8"] = bench_steer_model(llama, _word_prompts(batch), max_new_tokens, repeats)
     head = out.get("organism", {})
     if "ratio_steered_vs_unsteered" not in head:
         head = out.get("random_llama_512x8", {})

@@ -113,7 +113,7 @@ def cmd_bench(a: argparse.Namespace) -> dict:
     from ..bench.cache import run_benchmark
 
     return run_benchmark(n_prompts=a.n_prompts, batch_size=a.batch_size, repeats=a.repeats, rss_prompts=a.rss_prompts,
-                         organism=not a.no_organism, threads=a.threads)
+                         organism=not a.no_organism, threads=a.threads, model=a.model)
 
 
 def register(sub, bench_sub) -> None:
@@ -169,6 +169,8 @@ def register(sub, bench_sub) -> None:
     b.add_argument("--rss-prompts", type=int, default=64, help="prompts of the 1x RSS run (4x runs 4 times as many)")
     b.add_argument("--no-organism", action="store_true", help="only the random-weight Llama")
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    b.add_argument("--model", default=None, help="only this model (any name load_model accepts, e.g. "
+                   "smollm2-135m-instruct) on short real prompts, instead of the random Llama and the organism")
     b.set_defaults(func=cmd_bench)
 
 

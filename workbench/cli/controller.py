@@ -60,7 +60,7 @@ def _bench(a: argparse.Namespace) -> dict:
     from ..bench.steer import bench_steer
 
     return bench_steer(batch=a.batch, max_new_tokens=a.max_new_tokens, repeats=a.repeats,
-                       random_model=not a.organism_only)
+                       random_model=not a.organism_only, model=a.model)
 
 
 def _add_controller_args(p, out: str) -> None:
@@ -94,6 +94,8 @@ def register(sub, bench_sub) -> None:
     b.add_argument("--max-new-tokens", type=int, default=24)
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--organism-only", action="store_true")
+    b.add_argument("--model", default=None, help="only this model (any name load_model accepts, e.g. "
+                   "smollm2-135m-instruct) on short real prompts, instead of the organism and the random Llama")
     b.add_argument("--quiet", action="store_true")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=_bench)

@@ -107,7 +107,8 @@ def register(sub, bench_sub) -> None:
     b = bench_sub.add_parser("patch", help="batched resid_pre sweep vs transformer_lens get_act_patch_resid_pre")
     add_common_args(b, model=False)
     b.add_argument("--models", default="organism,random512",
-                   help="comma-separated: organism, random512 (random d_model 512 / 8-layer Llama) or model paths")
+                   help="comma-separated: organism, random512 (random d_model 512 / 8-layer Llama) or any name "
+                   "load_model accepts (e.g. smollm2-135m-instruct, a path), patched on short real prompt pairs")
     b.add_argument("--n-pairs", type=int, default=4)
     b.add_argument("--repeats", type=int, default=3, help="timing repeats; the median is reported")
     b.add_argument("--device", default="cpu")
