@@ -31,8 +31,10 @@ from .vocab import hook_name
 
 log = logging.getLogger("workbench.prefix")
 
-#: prefixes kept in memory at most (bytes of keys, values and activations); beyond it a batch is prefilled anew
-DEFAULT_MAX_BYTES = 4 << 30
+#: the share of the free memory of the model's device (RAM on the CPU) a :class:`PrefixCache` may fill by default;
+#: beyond it a batch is prefilled anew at each use (a logged fallback). At ``--limit 64`` on the real data preset the
+#: validation and test prefixes of SmolLM2 hold about 5 GB of keys and values.
+DEFAULT_MEMORY_SHARE = 0.5
 
 
 @dataclass
@@ -61,14 +63,18 @@ class PrefixCache:
         model: the bridge the evaluations run on.
         site: the residual site whose clean activations are kept at the post-instruction positions, every layer
             (``"resid_pre"``: what controllers and the CAST gate read).
-        max_bytes: the memory the cache may hold; a batch that no longer fits is prefilled from scratch each time
-            (counted in ``misses_uncached``).
+        max_bytes: the memory the cache may hold (default: :data:`DEFAULT_MEMORY_SHARE` of the device's free
+            memory when the cache is made); a batch that no longer fits is prefilled from scratch each time (counted
+            in ``misses_uncached``).
     """
 
-    def __init__(self, model, site: str = "resid_pre", max_bytes: int = DEFAULT_MAX_BYTES):
+    def __init__(self, model, site: str = "resid_pre", max_bytes: int | None = None):
+        from .batching import free_memory
+
         self.model = model
         self.site = site
-        self.max_bytes = int(max_bytes)
+        self.max_bytes = int(max_bytes if max_bytes is not None
+                             else DEFAULT_MEMORY_SHARE * free_memory(model_device(model)))
         self._entries: dict[tuple, Prefix] = {}
         self.nbytes = 0
         self.hits = 0
