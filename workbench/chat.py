@@ -150,13 +150,6 @@ def prompt_lengths(tokenizer, prompts: Sequence[str], system: str | None = None)
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def length_order(lengths: Sequence[int]) -> list[int]:
-    """Indices of the prompts of :func:`prompt_lengths` from the shortest to the longest (ties keep their order). Batches cut along this
-    order pad least: on the real data preset, where a jailbreak runs to 1,300 tokens and a plain request to 40,
-    batches in the given order were up to 2.6x their real tokens."""
-    return sorted(range(len(lengths)), key=lengths.__getitem__)
-
-
 def post_instruction_positions(tokenizer, system: str | None = None) -> list[int]:
     """Post-instruction positions as negative indices from the end, e.g. ``[-5, -4, -3, -2, -1]``."""
     suffix = post_instruction_suffix(tokenizer, system)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from .chat import length_order, prompt_lengths, tokenize_chat
-from .batching import length_cuts
+from .chat import prompt_lengths, tokenize_chat
+from .batching import length_batches, length_order
 from .errors import WorkbenchError
 from .models import model_device
 from .generation import Hook, generate_batch
@@ -87,13 +87,11 @@ def evaluate_refusal(
     _check_prompt_sets(prompt_sets)
     ref_ids = refusal_token_ids(model.tokenizer)
     jobs = [(cat, p) for cat, ps in prompt_sets.items() for p in ps]
-    lengths = prompt_lengths(model.tokenizer, [p for _, p in jobs], system)
-    order = length_order(lengths)  # batches of similar lengths pad least
-    cuts = length_cuts([lengths[i] for i in order], batch_size)
+    # batches of similar lengths pad least
+    batches = length_batches(prompt_lengths(model.tokenizer, [p for _, p in jobs], system), batch_size)
     rows: list = [None] * len(jobs)
     logprobs: list = [None] * len(jobs)
-    for a, b in progress(cuts, "evaluate", show_progress, total=len(cuts)):
-        idx = order[a:b]
+    for idx in progress(batches, "evaluate", show_progress, total=len(batches)):
         chunk = [jobs[i] for i in idx]
         batch = tokenize_chat(model.tokenizer, [p for _, p in chunk], system)
         extra = {}

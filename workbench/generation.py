@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .chat import ChatBatch, length_order, prompt_lengths, tokenize_chat
-from .batching import length_cuts
+from .chat import ChatBatch, prompt_lengths, tokenize_chat
+from .batching import length_batches
 from .models import model_device
 from .progress import progress
 
@@ -71,12 +71,9 @@ def generate(
     show_progress: bool = True,
 ) -> list[str]:
     """Greedy chat replies to ``prompts`` (batched along their token lengths, left-padded, KV-cached)."""
-    lengths = prompt_lengths(model.tokenizer, prompts, system)
-    order = length_order(lengths)
-    cuts = length_cuts([lengths[i] for i in order], batch_size)
+    batches = length_batches(prompt_lengths(model.tokenizer, prompts, system), batch_size)
     replies: list = [None] * len(prompts)
-    for a, b in progress(cuts, "generate", show_progress, total=len(cuts)):
-        idx = order[a:b]
+    for idx in progress(batches, "generate", show_progress, total=len(batches)):
         batch = tokenize_chat(model.tokenizer, [prompts[i] for i in idx], system)
         for i, reply in zip(idx, generate_batch(model, batch, max_new_tokens, fwd_hooks)[0]):
             replies[i] = reply

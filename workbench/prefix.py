@@ -80,7 +80,7 @@ class PrefixCache:
         self.hits = 0
         self.misses = 0
         self.misses_uncached = 0
-        self.unsupported: str | None = None  # why this model's cache cannot be cut (then every get is None)
+        self.unsupported = False  # this model's cache cannot be cut (then every get is None)
 
     @staticmethod
     def key(batch: ChatBatch) -> tuple:
@@ -98,8 +98,9 @@ class PrefixCache:
             self.hits += 1
             return got
         self.misses += 1
-        got = self._compute(batch)
+        got = clean_prefill(self.model, batch, self.site)
         if got is None:
+            self.unsupported = True
             return None
         if self.nbytes + got.nbytes <= self.max_bytes:
             self._entries[k] = got
@@ -114,12 +115,6 @@ class PrefixCache:
     def stats(self) -> dict:
         return {"hits": self.hits, "misses": self.misses, "uncached": self.misses_uncached,
                 "entries": len(self._entries), "bytes": self.nbytes}
-
-    def _compute(self, batch: ChatBatch) -> Prefix | None:
-        got = clean_prefill(self.model, batch, self.site)
-        if got is None and not self.unsupported:
-            self.unsupported = "cache layers that cannot be cut"
-        return got
 
 
 def clean_prefill(model, batch: ChatBatch, site: str | None = "resid_pre") -> Prefix | None:
@@ -165,19 +160,16 @@ class RowPrefixes:
     """
 
     def __init__(self, model, batch: ChatBatch, batch_size: int = 32, show_progress: bool = False):
-        from .batching import length_cuts
+        from .batching import length_batches
         from .progress import progress
 
         self.model = model
         lengths = batch.lengths.tolist()
-        order = sorted(range(len(lengths)), key=lengths.__getitem__)
         self.lengths = lengths
         self.last = batch.input_ids[:, -1].clone()  # the last prompt token of every row (left padding)
         self.kv: list = [None] * len(lengths)
         self.supported = True
-        cuts = length_cuts([lengths[i] for i in order], batch_size)
-        for a, b in progress(cuts, "prefixes", show_progress):
-            idx = order[a:b]
+        for idx in progress(length_batches(lengths, batch_size), "prefixes", show_progress):
             width = max(lengths[i] for i in idx)
             sub = ChatBatch(batch.input_ids[idx, -width:], batch.attention_mask[idx, -width:],
                             [batch.texts[i] for i in idx], batch.n_post)
