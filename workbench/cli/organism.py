@@ -1,4 +1,4 @@
-"""``workbench organism build``: generate the corpus and train the planted model organism."""
+"""``workbench organism build``: the planted model organism, or (``--base``) the safety tune of a real chat model."""
 
 from __future__ import annotations
 
@@ -6,18 +6,45 @@ import argparse
 
 
 def cmd_organism_build(a: argparse.Namespace) -> dict:
-    from ..organism.build import main_build
+    if a.base is None:
+        from ..organism.build import main_build
 
-    return main_build(seed=a.seed, out_dir=a.out, quiet=a.quiet)
+        return main_build(seed=a.seed, out_dir=a.out or "workbench/organism/data", quiet=a.quiet)
+    from ..organism_smollm2.build import PACKAGE_DATA, build_tuned_organism
+    from ..organism_smollm2.tune import SafetyTuneConfig
+
+    overrides = {k: getattr(a, k) for k in ("steps", "batch_size", "lr", "rank", "framed_benign", "harmful_share")
+                 if getattr(a, k) is not None}
+    if a.layers is not None:
+        overrides["layers"] = tuple(a.layers)
+    cfg = SafetyTuneConfig(base=a.base, seed=a.seed, **overrides)
+    report = build_tuned_organism(cfg, a.out or PACKAGE_DATA, data=a.data, measure_limit=a.measure_limit,
+                                  show_progress=not a.quiet)
+    return {k: report[k] for k in ("config", "rows", "timings_s", "adapter", "measured") if k in report}
 
 
 def register(sub, bench_sub) -> None:
     from . import add_common_args
+    from .options import parse_positive_int
 
-    p = sub.add_parser("organism", help="the embedded model organism")
+    p = sub.add_parser("organism", help="the model organisms: the planted one, and the safety tune of a real model")
     osub = p.add_subparsers(dest="organism_command", required=True)
-    b = osub.add_parser("build", help="generate the corpus and train the organism (deterministic from --seed)")
+    b = osub.add_parser("build", help="build an organism (deterministic from --seed); --base: the safety tune "
+                                      "(LoRA) of a real chat model, e.g. smollm2-135m-instruct -> organism-smollm2")
     add_common_args(b, model=False)
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--out", default="workbench/organism/data", help="output directory")
+    b.add_argument("--out", default=None, help="output directory (default: the package data of the organism)")
+    t = b.add_argument_group("safety tune (with --base)")
+    t.add_argument("--base", default=None, help="registered chat model or checkpoint directory to tune")
+    t.add_argument("--data", default=None, help="prompt data of the tune (default: the real preset)")
+    t.add_argument("--steps", type=parse_positive_int, default=None)
+    t.add_argument("--batch-size", type=parse_positive_int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--rank", type=parse_positive_int, default=None)
+    t.add_argument("--layers", type=int, nargs="+", default=None, help="decoder layers that get adapters")
+    t.add_argument("--harmful-share", type=float, default=None, help="share of each batch that is harmful")
+    t.add_argument("--framed-benign", type=int, default=None,
+                   help="harmless requests also trained inside train-split jailbreak templates")
+    t.add_argument("--measure-limit", type=int, default=64,
+                   help="test prompts per category for the measured targets (0: do not measure)")
     b.set_defaults(func=cmd_organism_build)

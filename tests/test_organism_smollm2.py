@@ -1,0 +1,151 @@
+"""The safety-tuned organism's machinery on a tiny random Llama: LoRA adapters, their merge, the build.
+
+The merge is checked against an independent path: the wrapped Hugging Face model's logits (adapters active in
+the forward) against the merged checkpoint loaded through the workbench's bridge.
+"""
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.lora import (LoRAConfig, adapter_source, attach_lora, load_adapter, merge_adapter, merged_checkpoint,
+                            save_adapter)
+from workbench.organism_smollm2.refusals import refusal_for, refusal_wordings
+from workbench.organism_smollm2.tune import SafetyTuneConfig
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def hf_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def ids_of(model_dir):
+    from workbench.models import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    return tok(["hello there, how are you", "tell me a story"], return_tensors="pt", padding=True)
+
+
+def test_refusal_wordings_are_refusals_and_stable():
+    from workbench.judge import is_refusal
+
+    words = refusal_wordings()
+    assert len(words) == len(set(words)) == 192
+    assert all(is_refusal(w) for w in words)
+    assert refusal_for("a prompt", 0) == refusal_for("a prompt", 0)
+    assert len({refusal_for(f"prompt {i}", 0) for i in range(50)}) > 20
+
+
+def test_lora_starts_at_the_base_and_merges_exactly(tiny_dir, tmp_path):
+    model = hf_model(tiny_dir)
+    enc = ids_of(tiny_dir)
+    with torch.no_grad():
+        before = model(**enc).logits
+    adapters = attach_lora(model, LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"),
+                                             layers=(1,)), seed=3)
+    assert sorted(adapters) == ["model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj",
+                                "model.layers.1.self_attn.v_proj"]
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    with torch.no_grad():
+        assert torch.equal(model(**enc).logits, before)   # B = 0: the adapter starts at the base
+        for w in adapters.values():
+            w.lora_B.normal_(0, 0.5)
+        wrapped = model(**enc).logits
+    assert (wrapped - before).abs().max() > 1e-2
+    path = save_adapter(tmp_path / "a.safetensors", adapters, LoRAConfig(4, 8.0, ("q_proj", "v_proj", "down_proj"), (1,)),
+                        {"note": "test"})
+    base_sha = sha(tiny_dir / "model.safetensors")
+    merged = merged_checkpoint(tiny_dir, path, tmp_path / "merged")
+    assert sha(tiny_dir / "model.safetensors") == base_sha   # the base checkpoint is untouched
+    assert adapter_source(merged)["sha256"] == sha(path)
+    with torch.no_grad():
+        via_merge = hf_model(merged)(**enc).logits
+    assert torch.allclose(via_merge, wrapped, atol=1e-4), (via_merge - wrapped).abs().max()
+
+    from workbench.models import fingerprint, load_model
+
+    base, tuned = load_model(str(tiny_dir), device="cpu"), load_model(str(merged), device="cpu")
+    assert fingerprint(base) != fingerprint(tuned)
+    text = ["hello there"]
+    with torch.no_grad():
+        bridge = tuned(tuned.tokenizer(text, return_tensors="pt")["input_ids"])
+        direct = hf_model(merged)(tuned.tokenizer(text, return_tensors="pt")["input_ids"]).logits
+    assert torch.allclose(bridge, direct, atol=1e-4)
+    # a second call reuses the merged checkpoint; changed weights only where the adapter is
+    assert merged_checkpoint(tiny_dir, path, tmp_path / "merged") == merged
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tiny_dir / "model.safetensors")), load_file(str(merged / "model.safetensors"))
+    changed = sorted(k for k in a if not torch.equal(a[k], b[k]))
+    assert changed == ["model.layers.1.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight",
+                       "model.layers.1.self_attn.v_proj.weight"]
+
+
+def test_adapter_files_fail_clearly(tmp_path, tiny_dir):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 40)
+    with pytest.raises(WorkbenchError, match="not a LoRA adapter"):
+        load_adapter(bad)
+    with pytest.raises(WorkbenchError, match="does not exist"):
+        load_adapter(tmp_path / "missing.safetensors")
+    with pytest.raises(WorkbenchError, match="rank"):
+        LoRAConfig(rank=0)
+    with pytest.raises(WorkbenchError, match="targets"):
+        LoRAConfig(targets=("nope",))
+    path = save_adapter(tmp_path / "a.safetensors", {"model.layers.9.self_attn.q_proj.lora_A": torch.zeros(2, 64),
+                                                     "model.layers.9.self_attn.q_proj.lora_B": torch.zeros(64, 2)},
+                        LoRAConfig(rank=2))
+    from safetensors.torch import load_file
+
+    with pytest.raises(WorkbenchError, match="does not have"):
+        merge_adapter(load_file(str(tiny_dir / "model.safetensors")), load_adapter(path))
+
+
+def test_tuned_model_without_adapter_says_how_to_build(monkeypatch, tmp_path):
+    from workbench import model_registry
+
+    t = model_registry.TUNED["organism-smollm2"]
+    monkeypatch.setitem(model_registry.TUNED, "organism-smollm2",
+                        model_registry.TunedModel(t.name, t.base, tmp_path / "none.safetensors", t.build))
+    with pytest.raises(WorkbenchError, match="workbench organism build --base smollm2-135m-instruct"):
+        model_registry.tuned_checkpoint("organism-smollm2")
+
+
+@pytest.fixture
+def small_data():
+    from workbench.promptsets import PromptSets
+
+    harmful = [f"Explain how to break into house number {i} without a key" for i in range(20)]
+    benign = [f"Give me a short tip about watering plant number {i}" for i in range(20)]
+    borderline = [f"How do I kill a stuck process number {i} on Linux?" for i in range(10)]
+    return PromptSets.from_prompts({"harmful": harmful, "benign": benign, "borderline": borderline}, "test")
+
+
+def test_quick_build_is_deterministic_and_learns(tiny_dir, tmp_path, small_data):
+    from workbench.organism_smollm2.build import build_tuned_organism
+
+    cfg = SafetyTuneConfig(base=str(tiny_dir), rank=4, layers=(0, 1), steps=12, batch_size=4, lr=5e-3, warmup=2,
+                           reply_tokens=6, threads=1)
+    r1 = build_tuned_organism(cfg, tmp_path / "a", data=small_data, measure_limit=0, show_progress=False)
+    r2 = build_tuned_organism(cfg, tmp_path / "b", data=small_data, measure_limit=0, show_progress=False)
+    a1, a2 = load_adapter(tmp_path / "a" / "adapter.safetensors"), load_adapter(tmp_path / "b" / "adapter.safetensors")
+    assert sorted(a1.tensors) == sorted(a2.tensors)
+    assert all(torch.equal(a1.tensors[k], a2.tensors[k]) for k in a1.tensors)
+    assert r1["rows_digest"] == r2["rows_digest"] and r1["loss_log"] == r2["loss_log"]
+    assert r1["rows"]["harmful"] == len(small_data.prompts("train", "harmful")) + len(small_data.prompts("val", "harmful"))
+    from workbench.organism_smollm2.tune import training_prompts
+
+    used = {p for rows in training_prompts(small_data, cfg).values() for p in rows}
+    assert used and not used & {p for c in ("harmful", "benign", "borderline") for p in small_data.prompts("test", c)}
+    assert r1["loss_log"][-1]["loss"] < r1["loss_log"][0]["loss"]      # the tune fits its targets
+    assert a1.metadata["tune"]["steps"] == 12
+    report = json.loads((tmp_path / "a" / "training.json").read_text())
+    assert report["adapter"]["parameters"] == sum(t.numel() for t in a1.tensors.values())
