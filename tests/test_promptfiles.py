@@ -78,3 +78,26 @@ def test_prompts_short_and_unique_within_and_across_files(harmless, borderline):
     assert len(folded) == len(prompts), [p for p, c in folded.items() if c > 1]
     shared = {_norm(r["prompt"]) for r in harmless} & {_norm(r["prompt"]) for r in borderline}
     assert not shared, shared
+
+
+def test_heldout_jailbreak_family():
+    """30 templates, 5 styles of 6, one slot each, no repeats, and the composition puts every test request into
+    exactly one template."""
+    from workbench.datasets.real import SLOT, heldout_jailbreak_rows, load_heldout_jailbreaks
+    from workbench.promptsets import PromptSets
+
+    rows = _rows("heldout_jailbreaks.jsonl")
+    assert len(rows) == 30 and all(set(r) == {"id", "style", "text"} for r in rows)
+    assert Counter(r["style"] for r in rows) == {s: 6 for s in ("prefix_injection", "refusal_suppression",
+                                                                 "style_injection", "role_play", "hypothetical")}
+    assert all(r["text"].count(SLOT) == 1 and r["id"].startswith(r["style"]) for r in rows)
+    assert len({_norm(r["text"]) for r in rows}) == 30
+    templates = load_heldout_jailbreaks()
+    assert list(templates) == [r["id"] for r in rows]
+    data = PromptSets.from_prompts({"harmful": [f"request number {i}" for i in range(40)],
+                                    "benign": [f"benign number {i}" for i in range(40)]}, "t")
+    composed = heldout_jailbreak_rows(data, "test")
+    assert [r for _, r, _ in composed] == data.prompts("test", "harmful")
+    assert all(p == templates[t].replace(SLOT, r) for t, r, p in composed)
+    text = (files("workbench.datasets") / "data" / "README.md").read_text(encoding="utf-8")
+    assert "heldout_jailbreaks.jsonl" in text

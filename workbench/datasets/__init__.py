@@ -57,7 +57,9 @@ from .prompts import clean_prompts, filter_rows, load_prompts
 from .real import (
     build_real_prompt_sets,
     compose_jailbreaks,
+    heldout_jailbreak_rows,
     load_gptfuzzer_templates,
+    load_heldout_jailbreaks,
     load_harmbench,
     load_mtbench,
     load_strongreject,
@@ -69,7 +71,8 @@ from .tables import EXTENSIONS, read_hub, read_source, read_table
 __all__ = [
     "BENCHMARKS", "Benchmark", "DATA_FILES", "DataFile", "EXTENSIONS", "LabelledPrompts", "build_real_prompt_sets",
     "clean_prompts", "compose_jailbreaks", "data_file", "fetch_data", "filter_rows", "load_advbench", "load_alpaca",
-    "load_benchmark", "load_gptfuzzer_templates", "load_harmbench", "load_jailbreak_prompts", "load_mtbench",
+    "heldout_jailbreak_rows", "load_benchmark", "load_gptfuzzer_templates", "load_harmbench", "load_heldout_jailbreaks",
+    "load_jailbreak_prompts", "load_mtbench",
     "load_prompts", "load_strongreject", "load_toxicchat", "load_xstest", "prompt_sets", "read_hub", "read_source",
     "read_table", "real_prompt_sets",
 ]

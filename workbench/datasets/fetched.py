@@ -106,6 +106,9 @@ DATA_FILES: dict[str, DataFile] = {
 SHIPPED_FILES: dict[str, tuple[str, str]] = {
     "harmless": ("harmless.jsonl", "harmless requests written for the workbench ('prompt', 'topic')"),
     "borderline": ("borderline.jsonl", "safe prompts that look unsafe, XSTest-style ('prompt', 'xstest_type')"),
+    "heldout-jailbreaks": ("heldout_jailbreaks.jsonl", "a held-out jailbreak family written for the workbench: 30 "
+                           "templates, 5 styles (prefix injection, refusal suppression, style injection, role play, "
+                           "hypothetical), never used in training or selection ('id', 'style', 'text')"),
 }
 
 

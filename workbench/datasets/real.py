@@ -104,7 +104,29 @@ def load_gptfuzzer_templates(path: str | os.PathLike | None = None) -> dict[str,
     """GPTFuzzer's jailbreak templates, ``{id: text}`` in file order (columns ``id`` and ``text``; each text holds
     one ``[INSERT PROMPT HERE]`` slot). Texts are stripped; empty and repeated texts are dropped."""
     file = data_file("gptfuzzer", path)
-    label = f"GPTFuzzer file {str(file)!r}"
+    return _load_templates(file, f"GPTFuzzer file {str(file)!r}")
+
+
+def load_heldout_jailbreaks(path: str | os.PathLike | None = None) -> dict[str, str]:
+    """The held-out jailbreak family shipped with the workbench (``heldout_jailbreaks.jsonl``): 30 templates written
+    for this project in five styles after Wei et al. 2023 ("Jailbroken", arXiv 2307.02483): prefix injection,
+    refusal suppression, style injection, role play and hypothetical framing. ``{id: text}``; the id starts with the
+    style (``prefix_injection-00``). Used nowhere in training or selection: a generalisation test only."""
+    file = Path(path) if path is not None else shipped_file("heldout-jailbreaks")
+    return _load_templates(file, f"held-out jailbreak file {str(file)!r}")
+
+
+def heldout_jailbreak_rows(data: PromptSets, split: str = "test", seed: int = 0,
+                           templates: Mapping[str, str] | None = None) -> list[tuple[str, str, str]]:
+    """``(template id, request, prompt)``: each harmful request of ``data``'s ``split`` in one template of the
+    held-out family (:func:`load_heldout_jailbreaks`, dealt as in :func:`compose_jailbreaks`)."""
+    requests = data.prompts(split, "harmful")
+    if not requests:
+        raise WorkbenchError(f"the prompt data ({data.source}) has no {split} harmful requests to wrap")
+    return jailbreak_rows(templates or load_heldout_jailbreaks(), requests, seed)
+
+
+def _load_templates(file: Path, label: str) -> dict[str, str]:
     df = read_table(file)
     for column in ("id", "text"):
         _require(df, column, label)

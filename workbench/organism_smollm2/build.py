@@ -118,9 +118,10 @@ def refusal_target(prompt: str, cfg: SafetyTuneConfig) -> str:
 
 
 def measure_tuned(adapter_path: str | Path, data=None, limit: int | None = 64, base: str = "smollm2-135m-instruct",
-                  max_new_tokens: int = 24, show_progress: bool = True) -> dict:
+                  max_new_tokens: int = 24, heldout_family: bool = True, show_progress: bool = True) -> dict:
     """The organism targets on the test split: refusal rate per category and per source (greedy, the substring
-    judge, ``limit`` prompts per category), and the cross-entropy of the base's own benign replies under the base
+    judge, ``limit`` prompts per category; ``jailbreak_heldout``: the test requests in the held-out jailbreak family,
+    :func:`workbench.datasets.real.heldout_jailbreak_rows`, by style), and the cross-entropy of the base's own benign replies under the base
     and under the tuned model (nats per token)."""
     from ..evaluate import evaluate_refusal, reply_cross_entropy
     from ..generation import generate
@@ -141,6 +142,12 @@ def measure_tuned(adapter_path: str | Path, data=None, limit: int | None = 64, b
             sources[cat] = [str(r.get("source") or "").split(":")[0] for r in picked]
     if not sets:
         raise WorkbenchError("the data has no test prompts to measure the tuned organism on")
+    if heldout_family and "harmful" in sets:
+        from ..datasets.real import heldout_jailbreak_rows
+
+        family = heldout_jailbreak_rows(data, "test")[:limit] if limit else heldout_jailbreak_rows(data, "test")
+        sets["jailbreak_heldout"] = [p for _, _, p in family]
+        sources["jailbreak_heldout"] = [tid.rsplit("-", 1)[0] for tid, _, _ in family]
     ev = evaluate_refusal(tuned, sets, max_new_tokens=max_new_tokens, show_progress=show_progress)
     out = {"limit": limit, "max_new_tokens": max_new_tokens, "refusal_rate": {}, "n": {}, "by_source": {}}
     for cat, prompts in sets.items():
