@@ -129,8 +129,10 @@ def small_data():
     return PromptSets.from_prompts({"harmful": harmful, "benign": benign, "borderline": borderline}, "test")
 
 
-def test_quick_build_is_deterministic_and_learns(tiny_dir, tmp_path, small_data):
+def test_quick_build_is_deterministic_and_learns(tiny_dir, tmp_path, small_data, monkeypatch):
     from workbench.organism_smollm2.build import build_tuned_organism
+
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))   # the base replies are generated, then reused
 
     cfg = SafetyTuneConfig(base=str(tiny_dir), rank=4, layers=(0, 1), steps=12, batch_size=4, lr=5e-3, warmup=2,
                            reply_tokens=6, threads=1)
@@ -139,7 +141,9 @@ def test_quick_build_is_deterministic_and_learns(tiny_dir, tmp_path, small_data)
     a1, a2 = load_adapter(tmp_path / "a" / "adapter.safetensors"), load_adapter(tmp_path / "b" / "adapter.safetensors")
     assert sorted(a1.tensors) == sorted(a2.tensors)
     assert all(torch.equal(a1.tensors[k], a2.tensors[k]) for k in a1.tensors)
-    assert r1["rows_digest"] == r2["rows_digest"] and r1["loss_log"] == r2["loss_log"]
+    assert list((tmp_path / "cache" / "organism-smollm2").glob("base-replies-*.json"))
+    assert r1["rows_digest"] == r2["rows_digest"]
+    assert [r["loss"] for r in r1["loss_log"]] == [r["loss"] for r in r2["loss_log"]]
     assert r1["rows"]["harmful"] == len(small_data.prompts("train", "harmful")) + len(small_data.prompts("val", "harmful"))
     from workbench.organism_smollm2.tune import training_prompts
 

@@ -28,10 +28,10 @@ REPORT_FILE = "training.json"
 
 def _cached_replies(hf_model, tok, base_dir: Path, prompts: list[str], n_tokens: int, show_progress: bool):
     """:func:`base_replies`, kept in the cache by (base weights, prompts, length): a rebuild skips the generation."""
-    from ..fetch import cache_dir
+    from ..fetch import cache_dir, sha256_file
 
-    key = hashlib.sha256(json.dumps([str((base_dir / "model.safetensors").stat().st_size),
-                                     (base_dir / "config.json").read_text(), prompts, n_tokens]).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([sha256_file(base_dir / "model.safetensors"), (base_dir / "config.json").read_text(),
+                                     prompts, n_tokens]).encode()).hexdigest()
     path = cache_dir("organism-smollm2") / f"base-replies-{key[:16]}.json"
     if path.exists():
         return json.loads(path.read_text())
