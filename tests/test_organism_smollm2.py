@@ -153,3 +153,23 @@ def test_quick_build_is_deterministic_and_learns(tiny_dir, tmp_path, small_data,
     assert a1.metadata["tune"]["steps"] == 12
     report = json.loads((tmp_path / "a" / "training.json").read_text())
     assert report["adapter"]["parameters"] == sum(t.numel() for t in a1.tensors.values())
+
+
+def test_cli_build_with_base_and_models_ls(tiny_dir, tmp_path, small_data, monkeypatch, capsys):
+    from workbench.cli import main
+
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": r["prompt"], "category": r["category"], "split": r["split"]}) + "\n"
+                            for s in ("train", "val", "test") for r in small_data.rows_of(s)))
+    assert main(["organism", "build", "--base", str(tiny_dir), "--data", str(rows), "--steps", "3", "--rank", "2",
+                 "--layers", "1", "--measure-limit", "0", "--out", str(tmp_path / "o"), "--json", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["config"]["steps"] == 3 and out["config"]["layers"] == [1] and out["config"]["rank"] == 2
+    assert load_adapter(tmp_path / "o" / "adapter.safetensors").config.layers == (1,)
+    with pytest.raises(SystemExit):
+        main(["organism", "build", "--base", str(tiny_dir), "--steps", "0"])
+    assert "expected a positive int (>= 1), got 0" in capsys.readouterr().err
+    assert main(["models", "ls", "--json"]) == 0
+    listed = {r["name"]: r for r in json.loads(capsys.readouterr().out)["models"]}
+    assert listed["organism-smollm2"]["package"] == "smollm2-135m-instruct + adapter.safetensors"
