@@ -173,3 +173,18 @@ def test_cli_build_with_base_and_models_ls(tiny_dir, tmp_path, small_data, monke
     assert main(["models", "ls", "--json"]) == 0
     listed = {r["name"]: r for r in json.loads(capsys.readouterr().out)["models"]}
     assert listed["organism-smollm2"]["package"] == "smollm2-135m-instruct + adapter.safetensors"
+
+
+def test_micro_batches_give_the_losses_of_one_padded_batch(tiny_dir):
+    from workbench.organism_smollm2.tune import _collate, micro_batches, row_losses
+
+    model = hf_model(tiny_dir)
+    rows = [(list(range(5, 5 + n)), n // 2) for n in (3, 17, 6, 40, 9, 12)]
+    parts = micro_batches(rows, 48)
+    assert sorted(len(r[0]) for p in parts for r in p) == sorted(len(r[0]) for r in rows)
+    assert all(len(p) * max(len(r[0]) for r in p) <= 48 or len(p) == 1 for p in parts) and len(parts) > 1
+    with torch.no_grad():
+        whole = dict(zip([tuple(r[0]) for r in rows], row_losses(model, *_collate(rows, 0)).tolist()))
+        split = {tuple(r[0]): v for p in parts for r, v in zip(p, row_losses(model, *_collate(p, 0)).tolist())}
+    assert whole.keys() == split.keys()
+    assert all(abs(whole[k] - split[k]) < 1e-4 for k in whole)

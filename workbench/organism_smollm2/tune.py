@@ -42,6 +42,7 @@ class SafetyTuneConfig:
         harmful_share: share of each batch that is harmful (the rest harmless, borderline, framed).
         reply_tokens: length of the base's greedy replies used as harmless targets.
         max_prompt_tokens: rows whose chat-formatted prompt is longer are left out.
+        micro_batch_tokens: padded tokens per forward; a step's rows are cut into length-sorted micro-batches.
         framed_benign: how many harmless requests are also trained inside a train-split jailbreak template.
         threads: torch CPU threads while building.
     """
@@ -58,7 +59,8 @@ class SafetyTuneConfig:
     warmup: int = 20
     harmful_share: float = 0.4
     reply_tokens: int = 40
-    max_prompt_tokens: int = 320
+    max_prompt_tokens: int = 256
+    micro_batch_tokens: int = 1024
     framed_benign: int = 0
     threads: int = 2
 
@@ -149,14 +151,27 @@ def _collate(rows: list[tuple[list[int], int]], pad: int) -> tuple[torch.Tensor,
     return ids, mask, labels
 
 
-def row_loss(hf_model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of each row's mean target-token cross-entropy (long replies do not outweigh short ones)."""
+def row_losses(hf_model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``Float[Tensor, "row"]``: each row's mean target-token cross-entropy (long replies do not outweigh short ones)."""
     logits = hf_model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
     target = labels[:, 1:]
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                             ignore_index=-100, reduction="none").view(target.shape)
     m = (target != -100).float()
-    return ((nll * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+    return (nll * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def micro_batches(rows: list[tuple[list[int], int]], max_tokens: int) -> list[list[tuple[list[int], int]]]:
+    """``rows`` sorted by length and cut so that each part's padded size (rows x longest) stays within
+    ``max_tokens`` (a longer row is a part of its own): the step's gradient is accumulated over the parts, so a
+    long jailbreak-framed row does not pad the short ones."""
+    parts: list[list] = []
+    for row in sorted(rows, key=lambda r: len(r[0])):
+        if parts and (len(parts[-1]) + 1) * len(row[0]) <= max_tokens:
+            parts[-1].append(row)
+        else:
+            parts.append([row])
+    return parts
 
 
 def train_adapter(hf_model, tokenizer, groups: dict[str, list[tuple[list[int], int]]], cfg: SafetyTuneConfig,
@@ -194,12 +209,15 @@ def train_adapter(hf_model, tokenizer, groups: dict[str, list[tuple[list[int], i
             rows = rng.sample(harmful, min(n_h, len(harmful))) + rng.sample(other, min(cfg.batch_size - n_h, len(other)))
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            loss = row_loss(hf_model, *_collate(rows, pad))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = 0.0
+            for part in micro_batches(rows, cfg.micro_batch_tokens):
+                part_loss = row_losses(hf_model, *_collate(part, pad)).sum() / len(rows)
+                part_loss.backward()
+                loss += float(part_loss.detach())
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            running.append(float(loss.detach()))
+            running.append(loss)
             if (step + 1) % 10 == 0 or step + 1 == cfg.steps:
                 log.append({"step": step + 1, "loss": round(sum(running) / len(running), 4),
                             "lr": round(lr_at(step), 6), "s": round(time.time() - t0, 1)})
@@ -214,5 +232,5 @@ def rows_digest(groups: dict[str, list[tuple[list[int], int]]]) -> str:
     return hashlib.sha256(json.dumps({k: v for k, v in sorted(groups.items())}).encode()).hexdigest()[:16]
 
 
-__all__ = ["SafetyTuneConfig", "base_replies", "encode_row", "row_loss", "rows_digest", "train_adapter",
+__all__ = ["SafetyTuneConfig", "base_replies", "encode_row", "micro_batches", "row_losses", "rows_digest", "train_adapter",
            "training_prompts"]
