@@ -13,6 +13,8 @@ from workbench import WorkbenchError
 from workbench import plots
 from workbench.plots import export as export_mod
 
+Z95 = 1.959963984540054  # the 97.5 % normal quantile
+
 
 # --------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture
@@ -44,8 +46,14 @@ def comparison():
                     row["w"] = [base, base + 0.1 * i, 1.0 - base, 0.25]
                 rows.append(row)
         tables[m] = pd.DataFrame(rows).assign(method=m)
-    methods = {m: {"refusal_rate": {c: float(t[t.category == c].refused.mean()) for c in cats}, "kl_benign": 0.01}
-               for m, t in tables.items()}
+    # 2 prompts per category: a rate of 0 has the Wilson interval [0, z²/(2 + z²)], a rate of 1 [2/(2 + z²), 1]
+    top = Z95 ** 2 / (2 + Z95 ** 2)
+    ci = {0.0: [0.0, top], 1.0: [1 - top, 1.0]}
+    methods = {}
+    for m, t in tables.items():
+        rates = {c: float(t[t.category == c].refused.mean()) for c in cats}
+        methods[m] = {"refusal_rate": rates, "refusal_ci": {c: ci[r] for c, r in rates.items()},
+                      "n": {c: 2 for c in cats}, "kl_benign": 0.01}
     curves = pd.DataFrame([{"alpha": a, "method": "actadd", "harmful": min(1, a / 2), "jailbreak": a / 4,
                             "benign": a / 10, "borderline": a / 5} for a in (0.5, 1.0, 2.0)])
     return {"methods": methods, "tables": tables, "curves": curves}
@@ -207,6 +215,14 @@ def test_refusal_rate_bars(comparison):
     assert list(fig.data[0].x) == ["none", "was_e2e"]
     assert list(fig.data[1].y) == [0.0, 1.0]       # jailbreak: none 0 %, was_e2e 100 %
     assert fig.layout.barmode == "group" and fig.layout.yaxis.title.text == "refusal rate"
+    # Wilson 95 % error bars: k = 0 of 2 spans [0, z²/(2 + z²)] = [0, 0.6576], k = 2 of 2 [0.3424, 1]
+    err = fig.data[1].error_y
+    np.testing.assert_allclose(err.array, [0.6576, 0.0], atol=1e-4)
+    np.testing.assert_allclose(err.arrayminus, [0.0, 0.6576], atol=1e-4)
+    assert err.symmetric is False and err.visible
+    # without intervals (an older summary, or a plain DataFrame) the bars have none
+    bare = {m: {"refusal_rate": r["refusal_rate"]} for m, r in comparison["methods"].items()}
+    assert plots.refusal_rate_bars(bare).data[1].error_y.array is None
 
 
 def test_alpha_curves(comparison):
@@ -216,6 +232,9 @@ def test_alpha_curves(comparison):
     np.testing.assert_allclose(fig.data[0].y, [(0.25 + 0.125) / 2, (0.5 + 0.25) / 2, (1.0 + 0.5) / 2])
     assert list(fig.data[0].text) == ["α=0.5", "α=1", "α=2"]
     assert fig.data[2].y[0] == 1.0 and fig.data[2].x[0] == 0.0
+    # the test points' intervals: on x (benign, one column) but not on y (an average of two columns)
+    np.testing.assert_allclose(fig.data[2].error_x.array, [0.6576], atol=1e-4)
+    assert fig.data[2].error_y.array is None
     assert fig.layout.xaxis.title.text == "false refusal rate (benign)"
     sweep = plots.alpha_sweep(comparison["curves"])
     assert len(sweep.data) == 4 and list(sweep.data[0].y) == [0.25, 0.5, 1.0]

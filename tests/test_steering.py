@@ -335,3 +335,92 @@ def test_a_full_prefix_cache_prefills_anew_and_says_so(tiny_model, direction):
             assert list(got.table["reply"]) == list(ref.table["reply"])
     assert tiny.stats()["entries"] == 0 and tiny.stats()["uncached"] == 2
     assert [e["kind"] for e in events] == ["prefix_cache"]  # logged once, in the command's JSON
+
+
+# ------------------------------------------------------------------------ statistics of the comparison (organism)
+@pytest.fixture(scope="module")
+def organism_comparison():
+    """The steering stage on the organism, 4 test prompts per category, two training seeds."""
+    from workbench.directions import find_refusal_direction
+    from workbench.models import organism_dir
+    from workbench.promptsets import load_data
+    from workbench.stages.steering import run_comparison
+    from workbench.steering.compare import CompareConfig
+
+    if not (organism_dir() / "model" / "config.json").exists():
+        pytest.skip("the model organism is not built")
+    model = wb.load_model()
+    data = load_data().limited(4)
+    direction = find_refusal_direction(model, data.prompts("train", "harmful"), data.prompts("train", "benign"),
+                                       data.prompts("val", "harmful"), data.prompts("val", "benign"),
+                                       show_progress=False).direction
+    cc = CompareConfig(methods=("none", "actadd", "was_bce"), seeds=(0, 1), bce_epochs=10, alpha_grid=(0.05, 0.25),
+                       max_new_tokens=6)
+    return model, data, direction, cc, run_comparison(model, direction, data, cc, show_progress=False)
+
+
+def test_comparison_rates_carry_wilson_intervals_and_paired_mcnemar_tests(organism_comparison):
+    """Each test rate's interval is the Wilson interval of the generations' verdicts; the paired tests count the
+    discordant prompts of a join on the prompt text (not the positional pairing the comparison uses)."""
+    from workbench.stats import mcnemar_exact, wilson_interval
+
+    *_, result = organism_comparison
+    methods, tables = result.summary["methods"], result.compare["tables"]
+    for m, t in tables.items():
+        for cat, g in t.groupby("category"):
+            k, n = int(g["refused"].sum()), len(g)
+            assert methods[m]["n"][cat] == n == 4
+            assert methods[m]["refusal_rate"][cat] == round(k / n, 4)
+            assert methods[m]["refusal_ci"][cat] == pytest.approx(wilson_interval(k, n), abs=5e-5)
+    paired = result.summary["paired"]
+    assert {(r["method"], r["baseline"]) for r in paired} == {("actadd", "none"), ("was_bce", "none")}
+    assert len(paired) == 2 * 4
+    for r in paired:
+        a = tables[r["baseline"]].query("category == @r['category']").set_index("prompt")["refused"]
+        b = tables[r["method"]].query("category == @r['category']").set_index("prompt")["refused"].loc[a.index]
+        assert (r["b"], r["c"]) == (int((a & ~b).sum()), int((~a & b).sum()))
+        assert r["p"] == round(mcnemar_exact(list(a), list(b)).p, 6)
+    assert any(r["b"] + r["c"] > 0 for r in paired)  # steering changes some verdicts
+
+
+def test_comparison_over_seeds_retrains_only_the_seed_dependent_methods(organism_comparison):
+    """was_bce is trained under both seeds; seed 1's rates equal a separate one-seed comparison with seed 1; the
+    seed-free baselines ran once; the summary's mean and spread are those of the per-seed rates."""
+    import dataclasses
+    import statistics
+
+    from workbench.stages.steering import run_comparison
+
+    model, data, direction, cc, result = organism_comparison
+    seeds = result.summary["seeds"]
+    assert seeds["values"] == [0, 1] and seeds["seed_free"] == ["none", "actadd"]
+    per = seeds["per_seed"]
+    assert set(per["was_bce"]) == {"0", "1"} and set(per["actadd"]) == {"0"}
+    assert per["was_bce"]["0"]["refusal_rate"] == result.summary["methods"]["was_bce"]["refusal_rate"]
+    alone = run_comparison(model, direction, data, dataclasses.replace(cc, seeds=(), seed=1,
+                                                                        methods=("none", "was_bce")),
+                           show_progress=False)
+    assert "seeds" not in alone.summary
+    assert per["was_bce"]["1"]["refusal_rate"] == alone.summary["methods"]["was_bce"]["refusal_rate"]
+    for cat, s in seeds["methods"]["was_bce"]["refusal_rate"].items():
+        vals = [per["was_bce"][k]["refusal_rate"][cat] for k in ("0", "1")]
+        assert s["n"] == 2 and s["mean"] == pytest.approx(statistics.fmean(vals), abs=1e-4)
+        assert s["std"] == pytest.approx(statistics.stdev(vals), abs=1e-4)
+        assert (s["min"], s["max"]) == (min(vals), max(vals))
+    assert seeds["methods"]["actadd"]["refusal_rate"]["harmful"]["n"] == 1
+    assert seeds["methods"]["actadd"]["refusal_rate"]["harmful"]["std"] is None
+    assert result.summary["config"]["seeds"] == (0, 1)
+
+
+def test_seeds_option_and_bad_seeds():
+    from workbench.cli import build_parser
+    from workbench.cli.options import config_from_args
+    from workbench.pipeline import RunConfig
+    from workbench.steering.compare import CompareConfig, compare_seeds
+
+    args = build_parser().parse_args(["controller", "eval", "--seeds", "0,1,2"])
+    assert config_from_args(CompareConfig, args).seeds == (0, 1, 2)
+    run = build_parser().parse_args(["run", "--steering.seeds", "3,4"])
+    assert config_from_args(RunConfig, run).steering.seeds == (3, 4)
+    with pytest.raises(WorkbenchError, match=r"seeds must be distinct, got \[0, 1, 0\]"):
+        compare_seeds(None, None, 0, {}, {}, {}, 1.0, cc=CompareConfig(seeds=(0, 1, 0)))

@@ -2,7 +2,8 @@
 
 Inputs, as ``compare_methods`` returns them:
 
-* ``result["methods"]``: ``{method: {"refusal_rate": {category: rate}, "kl_benign": x}}`` --
+* ``result["methods"]``: ``{method: {"refusal_rate": {category: rate}, "kl_benign": x}}`` and, optionally,
+  ``"refusal_ci": {category: [lo, hi]}`` (the Wilson 95 % intervals, drawn as error bars) --
   :func:`refusal_rate_bars` and the operating points of :func:`alpha_tradeoff`.
 * ``result["tables"]``: ``{method: DataFrame}`` with columns ``category``, ``prompt``, ``reply``, ``refused``,
   ``refusal_score``, ``method`` and, for controllers, ``s`` (float) and ``w`` (list of per-layer floats) --
@@ -199,11 +200,13 @@ def scale_distribution(tables, method: str | Sequence[str] | None = "was_e2e") -
 
 # ------------------------------------------------------------------------------------------ comparisons
 def rates_frame(results) -> pd.DataFrame:
-    """``method``, ``category``, ``refusal_rate`` (and ``kl_benign``) from ``compare_methods``'s result, its
-    ``methods`` dict, or a DataFrame with those columns."""
+    """``method``, ``category``, ``refusal_rate``, ``kl_benign`` and the interval ``lo``, ``hi`` (NaN where the
+    result has no ``refusal_ci``) from ``compare_methods``'s result, its ``methods`` dict, or a DataFrame with
+    ``method``, ``category``, ``refusal_rate`` (and optionally ``lo``, ``hi``)."""
     what = "refusal_rate_bars"
     if isinstance(results, pd.DataFrame):
-        return require_frame(results, what, ["method", "category", "refusal_rate"])
+        df = require_frame(results, what, ["method", "category", "refusal_rate"])
+        return df.assign(**{k: np.nan for k in ("lo", "hi") if k not in df.columns})
     if isinstance(results, Mapping) and "methods" in results and isinstance(results["methods"], Mapping):
         results = results["methods"]
     if not isinstance(results, Mapping) or not results:
@@ -214,22 +217,35 @@ def rates_frame(results) -> pd.DataFrame:
     for m, r in results.items():
         if not isinstance(r, Mapping) or not isinstance(r.get("refusal_rate"), Mapping):
             raise WorkbenchError(f"{what}: method {m!r} has no 'refusal_rate' dict {{category: rate}}")
+        ci = r.get("refusal_ci") or {}
         for c, v in r["refusal_rate"].items():
-            rows.append({"method": m, "category": c, "refusal_rate": float(v), "kl_benign": r.get("kl_benign")})
+            lo, hi = ci.get(c, (np.nan, np.nan))
+            rows.append({"method": m, "category": c, "refusal_rate": float(v), "kl_benign": r.get("kl_benign"),
+                         "lo": float(lo), "hi": float(hi)})
     return require_frame(pd.DataFrame(rows), what, ["method", "category", "refusal_rate"])
+
+
+def _error_bars(rate: pd.Series, lo: pd.Series, hi: pd.Series) -> dict | None:
+    """Plotly ``error_y``/``error_x`` for an interval around ``rate`` (``None`` when no interval is known)."""
+    if lo.isna().all() or hi.isna().all():
+        return None
+    return dict(type="data", symmetric=False, array=(hi - rate).clip(lower=0).tolist(),
+                arrayminus=(rate - lo).clip(lower=0).tolist(), visible=True, thickness=1.2, width=3)
 
 
 def refusal_rate_bars(results, methods: Sequence[str] | None = None,
                       categories: Sequence[str] | None = None) -> go.Figure:
-    """Refusal rate of each steering method on each split (method x split grouped bars).
+    """Refusal rate of each steering method on each split (method x split grouped bars), with the Wilson 95 %
+    interval as error bars when the result has ``refusal_ci``.
 
     Args:
         results: ``compare_methods`` output, its ``methods`` dict, or a DataFrame with ``method``, ``category``,
-            ``refusal_rate``.
+            ``refusal_rate`` (and optionally ``lo``, ``hi``).
         methods, categories: which and in what order (default: all, methods in the canonical order).
 
     Returns:
-        One bar trace per category (split), x = method, y = refusal rate in [0, 1].
+        One bar trace per category (split), x = method, y = refusal rate in [0, 1]; ``error_y`` spans
+        ``[lo, hi]`` (``array`` = hi - rate, ``arrayminus`` = rate - lo).
     """
     what = "refusal_rate_bars"
     df = rates_frame(results)
@@ -243,10 +259,12 @@ def refusal_rate_bars(results, methods: Sequence[str] | None = None,
     fig = go.Figure()
     for c in cs:
         sub = df[df["category"] == c].set_index("method").reindex(ms)
+        ci = [f" [{lo:.1%}, {hi:.1%}]" if pd.notna(lo) else "" for lo, hi in zip(sub["lo"], sub["hi"])]
         fig.add_trace(go.Bar(x=ms, y=sub["refusal_rate"], name=str(c), marker_color=colors[c],
+                             error_y=_error_bars(sub["refusal_rate"], sub["lo"], sub["hi"]),
                              text=[f"{v:.0%}" if pd.notna(v) else "" for v in sub["refusal_rate"]],
-                             textposition="outside", textfont=dict(size=10),
-                             hovertemplate=f"{c}<br>%{{x}}: %{{y:.1%}}<extra></extra>"))
+                             textposition="outside", textfont=dict(size=10), customdata=ci,
+                             hovertemplate=f"{c}<br>%{{x}}: %{{y:.1%}}%{{customdata}}<extra></extra>"))
     fig.update_layout(barmode="group", bargap=0.2)
     fig.update_yaxes(range=[0, 1.1], tickformat=".0%")
     return styled(fig, "Refusal rate by method and split", "method", "refusal rate",
@@ -275,7 +293,8 @@ def alpha_tradeoff(
         refusal: the y column, or several (averaged), e.g. ``("harmful", "jailbreak")``.
         false_refusal: the x column(s), e.g. ``"benign"`` or ``("benign", "borderline")``.
         points: optional ``compare_methods`` result / ``methods`` dict: each method's chosen operating point
-            on the test split, drawn as a diamond.
+            on the test split, drawn as a diamond, with its Wilson 95 % interval on each axis that shows one
+            category (when the result has ``refusal_ci``).
 
     Returns:
         One line trace per method (points labelled with alpha), then one marker trace per method in ``points``.
@@ -298,13 +317,22 @@ def alpha_tradeoff(
                                  hovertemplate=f"{m}<br>α %{{text}}<br>false refusal %{{x:.1%}}<br>"
                                                "refusal %{y:.1%}<extra></extra>"))
     if points is not None:
-        rates = rates_frame(points).pivot_table(index="method", columns="category", values="refusal_rate")
+        frame = rates_frame(points)
+        rates, lo, hi = (frame.pivot_table(index="method", columns="category", values=v, dropna=False)
+                         for v in ("refusal_rate", "lo", "hi"))
         pm = ordered(rates.index.tolist(), METHOD_ORDER)
         pcolors = color_map(pm)
+
+        def bars(spec, m, p):   # the test interval of a single-column axis (an average of columns has none)
+            if not isinstance(spec, str):
+                return None
+            return _error_bars(p, lo.loc[[m], spec], hi.loc[[m], spec])
+
         for m in pm:
             px, _ = _curve_column(rates.loc[[m]], false_refusal, what)
             py, _ = _curve_column(rates.loc[[m]], refusal, what)
             fig.add_trace(go.Scatter(x=px, y=py, mode="markers", name=f"{m} (test)",
+                                     error_x=bars(false_refusal, m, px), error_y=bars(refusal, m, py),
                                      marker=dict(symbol="diamond", size=13, color=pcolors[m],
                                                  line=dict(width=1, color="black"))))
     fig.update_xaxes(tickformat=".0%", rangemode="tozero")

@@ -3,8 +3,9 @@ on test (:func:`workbench.steering.compare.compare_methods`; WAS: Guiding Giants
 
 Reads the directions stage's ``direction`` (required) and the prompt data (the standard categories
 :data:`workbench.vocab.CATEGORIES` present in it). Writes ``steering.json`` (= ``summary.json``: per-method
-rates, operating points, the direction and the config), ``steering_generations.jsonl`` (every reply, judged),
-``alpha_curves.csv`` and one saved controller per trained method under ``controllers/<method>``, at the
+rates with Wilson 95 % intervals and n, the paired McNemar tests against ``none`` and ``was_e2e``, the mean and
+spread over ``seeds`` when several are given, operating points, the direction and the config),
+``steering_generations.jsonl`` (every reply, judged), ``alpha_curves.csv`` and one saved controller per trained method under ``controllers/<method>``, at the
 operating point picked on val.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import WorkbenchError
-from ..steering.compare import CompareConfig, compare_methods
+from ..steering.compare import CompareConfig, compare_seeds
 from .base import Result, Stage
 
 GENERATIONS = "steering_generations.jsonl"
@@ -58,7 +59,8 @@ class SteeringResult(Result):
 def run_comparison(model, direction, data, cc: CompareConfig | None = None,
                    show_progress: bool = True, store=None) -> SteeringResult:
     """Train and evaluate every method of ``cc.methods`` along ``direction`` (a Direction with a layer) on
-    ``data``'s standard categories; the controllers' training inputs come from ``store`` when given."""
+    ``data``'s standard categories (once per seed of ``cc.seeds``, :func:`~workbench.steering.compare.compare_seeds`);
+    the controllers' training inputs come from ``store`` when given."""
     from ..data import CATEGORIES
     from ..directions import embedding_centroid
 
@@ -71,13 +73,15 @@ def run_comparison(model, direction, data, cc: CompareConfig | None = None,
     for split in ("train", "val", "test"):
         data.require(split, "harmful", "benign")
     splits = {s: data.split(s, CATEGORIES) for s in ("train", "val", "test")}
-    res = compare_methods(model, direction, int(direction.layer), splits["train"], splits["val"], splits["test"],
-                          alpha_unit=alpha_unit, centroid_direction=embedding_centroid(model), cc=cc,
-                          show_progress=show_progress, store=store)
-    summary = {"methods": res["methods"], "choices": res["choices"],
+    res = compare_seeds(model, direction, int(direction.layer), splits["train"], splits["val"], splits["test"],
+                        alpha_unit=alpha_unit, centroid_direction=embedding_centroid(model), cc=cc,
+                        show_progress=show_progress, store=store)
+    summary = {"methods": res["methods"], "paired": res["paired"], "choices": res["choices"],
                "direction": {"layer": direction.layer, "position": direction.position, "method": direction.method,
                              "alpha_unit": round(alpha_unit, 4)},
                "config": asdict(cc)}
+    if "seeds" in res:
+        summary["seeds"] = res["seeds"]
     return SteeringResult(summary, {}, res)
 
 

@@ -12,12 +12,16 @@ Methods (all steer along a unit direction ``d``; ``α`` values are in residual-n
   direction, last layer only, the raw unbounded scalar (benign prompts get negative steering).
 * ``was_bce`` -- the controller trained with the paper's discriminative loss on ``s``.
 * ``was_e2e`` -- the controller trained end to end through the frozen model (see :mod:`.train`).
+
+Statistics (:mod:`workbench.stats`): every test rate comes with its Wilson 95 % interval and ``n``; each method is
+compared with ``none`` and ``was_e2e`` on the same test prompts by an exact McNemar test (:func:`paired_tests`);
+:func:`compare_seeds` repeats the seed-dependent methods under several training seeds and reports mean and spread.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 import torch
@@ -27,7 +31,9 @@ from ..chat import ChatBatch
 from ..directions.artifact import as_vector
 from ..evaluate import Evaluation, evaluate_refusal, first_token_kl, reply_cross_entropy
 from ..prefix import PrefixCache
+from ..errors import WorkbenchError
 from ..progress import progress
+from ..stats import mcnemar_exact, rate_interval, seed_summary
 from ..vocab import BENIGN_LIKE, HARMFUL_LIKE
 from .controller import Controller, ControllerConfig
 from .augment import wrapped_benign
@@ -64,6 +70,10 @@ class CompareConfig:
     e2e_reply_tokens: int = 8  # length of the target refusal reply (and of the benign KL continuations)
     e2e_scale_grid: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)  # multiples of the trained α tried on val
     seed: int = 0
+    # several training seeds (e.g. 0,1,2): the seed-dependent methods are trained and evaluated once per seed and the
+    # summary reports mean and spread; the first seed's run gives the tables, controllers and paired tests.
+    # Empty: one run with `seed`
+    seeds: tuple[int, ...] = ()
     methods: tuple[str, ...] = ("none", "actadd", "actadd_layer", "cast", "official_equivalent", "was_bce", "was_e2e")
     extra: dict = field(default_factory=dict)
 
@@ -81,6 +91,49 @@ def training_prompts(train: Mapping[str, Sequence[str]], wrapped_negatives: bool
 
 def _rates(ev: Evaluation) -> dict:
     return {k: round(float(v), 4) for k, v in ev.table.groupby("category", sort=False)["refused"].mean().items()}
+
+
+def _intervals(ev: Evaluation) -> dict:
+    """``{"refusal_ci": {category: [lo, hi]}, "n": {category: prompts}}``: Wilson 95 % intervals of the rates."""
+    ci, n = {}, {}
+    for cat, flags in ev.table.groupby("category", sort=False)["refused"]:
+        r = rate_interval(flags.astype(bool).tolist())
+        ci[cat], n[cat] = [round(r.lo, 4), round(r.hi, 4)], r.n
+    return {"refusal_ci": ci, "n": n}
+
+
+#: the references every method is compared with on the same prompts (those present), in this order
+PAIRED_BASELINES = ("none", "was_e2e")
+
+
+def paired_tests(tables: Mapping[str, pd.DataFrame], baselines: Sequence[str] = PAIRED_BASELINES) -> list[dict]:
+    """Exact McNemar tests (:func:`workbench.stats.mcnemar_exact`) of each method against each baseline present,
+    per category, on the per-prompt ``refused`` verdicts of the same prompts.
+
+    Args:
+        tables: ``{method: DataFrame}`` with ``category``, ``prompt``, ``refused``, all over the same prompts in
+            the same order (as :func:`compare_methods` evaluates them).
+
+    Returns:
+        One row per (baseline, method, category): ``{"method", "baseline", "category", "b", "c", "n", "p"}`` with
+        ``b`` the prompts the baseline refuses and the method does not, ``c`` the reverse. A pair of two
+        baselines appears once (against the earlier baseline).
+    """
+    rows = []
+    present = [b for b in baselines if b in tables]
+    for i, base in enumerate(present):
+        ref = tables[base]
+        for name, t in tables.items():
+            if name == base or name in present[:i]:
+                continue
+            if list(t["category"]) != list(ref["category"]) or list(t["prompt"]) != list(ref["prompt"]):
+                raise WorkbenchError(f"paired_tests: methods {base!r} and {name!r} were not evaluated on the same "
+                                     "prompts in the same order")
+            for cat in ref["category"].drop_duplicates():
+                m = (ref["category"] == cat).to_numpy()
+                res = mcnemar_exact(ref["refused"][m].astype(bool).tolist(), t["refused"][m].astype(bool).tolist())
+                rows.append({"method": name, "baseline": base, "category": cat, **res.to_dict()})
+    return rows
 
 
 def _pick_alpha(model, make_plan, val: Mapping[str, Sequence[str]], grid, cc: CompareConfig, show: bool,
@@ -149,7 +202,9 @@ def compare_methods(
         ``{"methods": {name: {"refusal_rate": {...}, "kl_benign": x, "ce_benign": x, "ce_benign_delta": x}},
         "tables": {name: DataFrame},
         "curves": DataFrame, "controllers": {name: Controller}, "controller_directions": {name: the unit vector
-        that controller was trained with, to save beside it}, "choices": {...}}``.
+        that controller was trained with, to save beside it}, "choices": {...}, "paired": [...]}``; each method's
+        entry also has ``"refusal_ci": {category: [lo, hi]}`` (Wilson 95 %) and ``"n": {category: prompts}``, and
+        ``paired`` holds :func:`paired_tests` of the test verdicts.
     """
     cc = cc or CompareConfig()
     n = int(model.cfg.n_layers)
@@ -257,7 +312,8 @@ def compare_methods(
             model, test, cc.max_new_tokens, cc.batch_size, plan=plan, keep_logprobs=True, show_progress=show_progress,
             prefix_cache=prefix)
         tables[name] = ev.table.assign(method=name)
-        results[name] = {"refusal_rate": _rates(ev), "kl_benign": round(first_token_kl(reference, ev, "benign"), 5)}
+        results[name] = {"refusal_rate": _rates(ev), **_intervals(ev),
+                         "kl_benign": round(first_token_kl(reference, ev, "benign"), 5)}
         if len(ben):
             # CE of the unsteered benign replies, teacher-forced, with and without this method's steering
             ce = reply_cross_entropy(model, list(ben["prompt"]), list(ben["reply"]), plan, cc.batch_size)
@@ -269,4 +325,61 @@ def compare_methods(
             r["ce_benign_delta"] = round(r["ce_benign"] - ce_ref, 5)
     choices["prefix_cache"] = prefix.stats()
     return {"methods": results, "tables": tables, "curves": pd.concat(curves) if curves else pd.DataFrame(),
-            "controllers": controllers, "controller_directions": controller_directions, "choices": choices}
+            "controllers": controllers, "controller_directions": controller_directions, "choices": choices,
+            "paired": paired_tests(tables)}
+
+
+#: methods whose test result does not depend on the training seed (nothing is trained and decoding is greedy);
+#: ``cast`` joins them unless ``wrapped_negatives`` (whose draw its threshold's training set includes)
+SEED_FREE = ("none", "actadd", "actadd_layer")
+
+
+def seed_free_methods(cc: CompareConfig) -> tuple[str, ...]:
+    """The methods of ``cc`` that :func:`compare_seeds` runs once (the rest once per seed). When ``cast`` depends
+    on the seed, ``actadd`` re-runs with it (cast takes actadd's α from the same run)."""
+    free = SEED_FREE + (() if cc.wrapped_negatives else ("cast",))
+    if "cast" in cc.methods and "cast" not in free:
+        free = tuple(m for m in free if m != "actadd")
+    return tuple(m for m in cc.methods if m in free)
+
+
+def compare_seeds(model, direction, layer: int, train, val, test, alpha_unit: float, centroid_direction=None,
+                  cc: CompareConfig | None = None, show_progress: bool = True, store=None) -> dict:
+    """:func:`compare_methods` under each seed of ``cc.seeds`` (arguments as there; empty ``seeds``: ``cc.seed``).
+
+    The first seed runs every method and gives the tables, controllers, curves and paired tests; each further seed
+    retrains and re-evaluates only the seed-dependent methods (:func:`seed_free_methods` run once). With one seed
+    this is exactly :func:`compare_methods`; with several the result gains ``"seeds"``: ``{"values": [...], "seed_free": [...],
+    "per_seed": {method: {seed: {"refusal_rate", "kl_benign", "ce_benign_delta"}}}, "methods": {method:
+    {"refusal_rate": {category: seed_summary}, "kl_benign": seed_summary, "ce_benign_delta": seed_summary}}}``
+    (:func:`workbench.stats.seed_summary`: mean, std, min, max, n; a seed-free method has ``n`` 1).
+    """
+    cc = cc or CompareConfig()
+    seeds = [int(s) for s in cc.seeds] or [int(cc.seed)]
+    if len(set(seeds)) != len(seeds):
+        raise WorkbenchError(f"seeds must be distinct, got {list(cc.seeds)}")
+    args = (model, direction, layer, train, val, test, alpha_unit, centroid_direction)
+    first = compare_methods(*args, cc=replace(cc, seed=seeds[0]), show_progress=show_progress, store=store)
+    if len(seeds) == 1:
+        return first
+    free = seed_free_methods(cc)
+    rerun = tuple(m for m in cc.methods if m not in free)
+    keys = ("refusal_rate", "kl_benign", "ce_benign_delta")
+    per_seed = {m: {str(seeds[0]): {k: r[k] for k in keys if k in r}} for m, r in first["methods"].items()}
+    # with "none" (its CE is the reference of every ce_benign_delta), recorded once
+    methods = (("none",) if "none" in cc.methods else ()) + rerun
+    for seed in progress(seeds[1:] if rerun else [], "seeds", show_progress):
+        res = compare_methods(*args, cc=replace(cc, seed=seed, methods=methods), show_progress=show_progress,
+                              store=store)
+        for m in rerun:
+            per_seed[m][str(seed)] = {k: res["methods"][m][k] for k in keys if k in res["methods"][m]}
+    summary = {}
+    for m, runs in per_seed.items():
+        vals = list(runs.values())
+        cats = vals[0]["refusal_rate"]
+        summary[m] = {"refusal_rate": {c: seed_summary([v["refusal_rate"][c] for v in vals]) for c in cats}}
+        for k in ("kl_benign", "ce_benign_delta"):
+            if all(k in v for v in vals):
+                summary[m][k] = seed_summary([v[k] for v in vals], digits=5)
+    first["seeds"] = {"values": seeds, "seed_free": list(free), "per_seed": per_seed, "methods": summary}
+    return first
