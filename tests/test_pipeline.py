@@ -166,3 +166,38 @@ def test_controller_saved_by_the_run_gives_the_same_replies(quick_run):
     assert len(got) == 32 and set(got.index) == set(run.index)
     assert (got["reply"] == run.loc[got.index, "reply"]).all()
     assert (got["refused"] == run.loc[got.index, "refused"]).all()
+
+
+def test_report_shows_intervals_paired_tests_and_seeds():
+    """The report's rates carry Wilson 95 % intervals (Newcombe 1998: 81/263 -> [25.53, 36.62] %, 15/148 ->
+    [6.24, 16.05] %), computed from rate and n where a summary lacks them; paired McNemar p-values; seed spread."""
+    from workbench.report import headline_markdown
+
+    steering = {
+        "methods": {
+            "none": {"refusal_rate": {"harmful": round(81 / 263, 4), "benign": round(15 / 148, 4)},
+                     "refusal_ci": {"harmful": [0.2553, 0.3662], "benign": [0.0624, 0.1605]},
+                     "n": {"harmful": 263, "benign": 148}, "kl_benign": 0.0, "ce_benign_delta": -0.0},
+            "was_e2e": {"refusal_rate": {"harmful": round(81 / 263, 4), "benign": round(15 / 148, 4)},
+                        "n": {"harmful": 263, "benign": 148}, "kl_benign": 0.01, "ce_benign_delta": 0.002}},
+        "paired": [{"method": "was_e2e", "baseline": "none", "category": "harmful", "b": 1, "c": 9, "n": 263,
+                    "p": 22 / 1024},
+                   {"method": "was_e2e", "baseline": "none", "category": "benign", "b": 0, "c": 30, "n": 148,
+                    "p": 2 / 2 ** 30}],
+        "seeds": {"values": [0, 1, 2], "seed_free": ["none"], "methods": {
+            "none": {"refusal_rate": {"harmful": {"mean": 0.308, "std": None, "min": 0.308, "max": 0.308, "n": 1}}},
+            "was_e2e": {"refusal_rate": {"harmful": {"mean": 0.875, "std": 0.0212, "min": 0.85, "max": 0.9,
+                                                     "n": 3}}}}},
+    }
+    summary = {"model": "organism", "steering": steering,
+               "evaluate": {"refusal_rate": {"harmful": round(81 / 263, 4)}, "refusal_score": {"harmful": 1.0},
+                            "n": {"harmful": 263}}}
+    md = "\n".join(headline_markdown(summary))
+    assert "| harmful | 30.8 % [25.5, 36.6] | 1.00 | 263 |" in md   # evaluate: interval from rate and n
+    assert "| method | harmful (n 263) | benign (n 148) |" in md
+    assert "| none | 30.8 % [25.5, 36.6] | 10.1 % [6.2, 16.1] |" in md
+    # no refusal_ci: Wilson from rate and n (unrounded: 16.049 %, where the stored 0.1605 shows as 16.1)
+    assert "| was_e2e | 30.8 % [25.5, 36.6] | 10.1 % [6.2, 16.0] |" in md
+    assert "| was_e2e | none | p 0.021 (b 1, c 9) | p < 0.001 (b 0, c 30) |" in md
+    assert "Over training seeds [0, 1, 2]" in md and "seed-free methods, run once: `none`." in md
+    assert "| was_e2e | 3 | 87.5 ± 2.1 % [85.0, 90.0] |" in md and "| none | 1 | 30.8 % [30.8, 30.8] |" in md

@@ -8,19 +8,89 @@ import re
 from pathlib import Path
 
 
+CATEGORY_COLUMNS = ("harmful", "jailbreak", "benign", "borderline")
+
+
+def rate_with_interval(rate: float, ci=None, n: int | None = None) -> str:
+    """``87.5 % [80.1, 92.4]``: a rate with its 95 % interval in percent (Wilson from ``rate`` and ``n`` when
+    ``ci`` is missing, e.g. a summary written before intervals were stored; the rate alone without either)."""
+    from .stats import interval_from_rate
+
+    if ci is None and n:
+        ci = interval_from_rate(rate, n)
+    text = f"{100 * rate:.1f} %"
+    return text if ci is None else text + f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def _shared_n(methods: dict, cat: str) -> int | None:
+    ns = {r.get("n", {}).get(cat) for r in methods.values() if cat in r.get("refusal_rate", {})}
+    return ns.pop() if len(ns) == 1 else None
+
+
 def _rates_table(methods: dict) -> list[str]:
-    cats = ["harmful", "jailbreak", "benign", "borderline"]
-    lines = ["| method | " + " | ".join(cats) + " | KL benign (first token) | CE benign replies (Δ nats/token) |",
+    cats = [c for c in CATEGORY_COLUMNS if any(c in r.get("refusal_rate", {}) for r in methods.values())]
+    shared = {c: _shared_n(methods, c) for c in cats}
+    heads = [c if shared[c] is None else f"{c} (n {shared[c]})" for c in cats]
+    lines = ["Refusal rate with its Wilson 95 % interval over prompts.", "",
+             "| method | " + " | ".join(heads) + " | KL benign (first token) | CE benign replies (Δ nats/token) |",
              "|---" * (len(cats) + 3) + "|"]
 
     def num(x):
         return "-" if x is None else f"{x + 0.0:.4f}"  # + 0.0: no "-0.0000"
 
     for name, r in methods.items():
-        rates = r.get("refusal_rate", {})
-        cells = [f"{100 * rates[c]:.1f} %" if c in rates else "-" for c in cats]
+        rates, ci, n = r.get("refusal_rate", {}), r.get("refusal_ci", {}), r.get("n", {})
+        cells = []
+        for c in cats:
+            if c not in rates:
+                cells.append("-")
+                continue
+            cell = rate_with_interval(rates[c], ci.get(c), n.get(c))
+            cells.append(cell if shared[c] is not None or c not in n else f"{cell} (n {n[c]})")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {num(r.get('kl_benign'))} | "
                      f"{num(r.get('ce_benign_delta'))} |")
+    return lines
+
+
+def _p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _paired_table(paired: list[dict]) -> list[str]:
+    """Exact McNemar tests of each method against a reference on the same prompts, one row per (method, reference)."""
+    cats = [c for c in CATEGORY_COLUMNS if any(r["category"] == c for r in paired)]
+    lines = ["Paired comparisons on the same test prompts (exact McNemar test): b = prompts the reference refuses "
+             "and the method does not, c = the reverse; p two-sided.", "",
+             "| method | vs | " + " | ".join(cats) + " |", "|---" * (len(cats) + 2) + "|"]
+    rows: dict = {}
+    for r in paired:
+        rows.setdefault((r["method"], r["baseline"]), {})[r["category"]] = r
+    for (method, base), by_cat in rows.items():
+        cells = [f"p {_p(by_cat[c]['p'])} (b {by_cat[c]['b']}, c {by_cat[c]['c']})" if c in by_cat else "-"
+                 for c in cats]
+        lines.append(f"| {method} | {base} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _seeds_table(seeds: dict) -> list[str]:
+    """Mean ± sample std [min, max] of each method's test refusal rate over the training seeds."""
+    methods = seeds["methods"]
+    cats = [c for c in CATEGORY_COLUMNS if any(c in r["refusal_rate"] for r in methods.values())]
+    free = ", ".join(f"`{m}`" for m in seeds.get("seed_free", []))
+    lines = [f"Over training seeds {seeds['values']}: mean ± sample std [min, max] of the test refusal rate"
+             + (f"; seed-free methods, run once: {free}." if free else "."), "",
+             "| method | seeds | " + " | ".join(cats) + " |", "|---" * (len(cats) + 2) + "|"]
+    for name, r in methods.items():
+        cells, n = [], 1
+        for c in cats:
+            v = r["refusal_rate"].get(c)
+            if v is None:
+                cells.append("-")
+                continue
+            n = v["n"]
+            spread = "" if v["std"] is None else f" ± {100 * v['std']:.1f}"
+            cells.append(f"{100 * v['mean']:.1f}{spread} % [{100 * v['min']:.1f}, {100 * v['max']:.1f}]")
+        lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -34,9 +104,10 @@ def headline_markdown(summary: dict) -> list[str]:
     ev = summary.get("evaluate")
     if ev:
         out += ["## Baseline refusal (test split, greedy, substring judge)", "",
-                "| category | refusal rate | mean refusal score | n |", "|---|---|---|---|"]
+                "| category | refusal rate [Wilson 95 %] | mean refusal score | n |", "|---|---|---|---|"]
         for c, r in ev["refusal_rate"].items():
-            out.append(f"| {c} | {100 * r:.1f} % | {ev['refusal_score'].get(c, float('nan')):.2f} | {ev['n'].get(c)} |")
+            out.append(f"| {c} | {rate_with_interval(r, None, ev['n'].get(c))} | "
+                       f"{ev['refusal_score'].get(c, float('nan')):.2f} | {ev['n'].get(c)} |")
         out.append("")
     d = summary.get("directions")
     if d:
@@ -47,6 +118,10 @@ def headline_markdown(summary: dict) -> list[str]:
     s = summary.get("steering")
     if s:
         out += ["## Weighted Activation Steering vs baselines (test split)", ""] + _rates_table(s["methods"]) + [""]
+        if s.get("paired"):
+            out += _paired_table(s["paired"]) + [""]
+        if s.get("seeds"):
+            out += _seeds_table(s["seeds"]) + [""]
     for stage in ("patching", "sparsity"):
         if summary.get(stage):
             block = {k: v for k, v in summary[stage].items() if k not in ("config",)}
