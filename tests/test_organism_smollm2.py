@@ -188,3 +188,18 @@ def test_micro_batches_give_the_losses_of_one_padded_batch(tiny_dir):
         split = {tuple(r[0]): v for p in parts for r, v in zip(p, row_losses(model, *_collate(p, 0)).tolist())}
     assert whole.keys() == split.keys()
     assert all(abs(whole[k] - split[k]) < 1e-4 for k in whole)
+
+
+def test_row_losses_equal_the_full_logits_cross_entropy(tiny_dir):
+    """Independent path: Hugging Face's full-sequence logits, cross-entropy row by row in a plain loop."""
+    from workbench.organism_smollm2.tune import _collate, row_losses
+
+    model = hf_model(tiny_dir)
+    rows = [(list(range(5, 5 + n)), n // 2) for n in (4, 11, 7)]
+    ids, mask, labels = _collate(rows, 0)
+    with torch.no_grad():
+        got = row_losses(model, ids, mask, labels)
+        for i, (seq, n_prompt) in enumerate(rows):
+            logits = model(torch.tensor([seq])).logits[0]
+            want = torch.nn.functional.cross_entropy(logits[n_prompt - 1:len(seq) - 1], torch.tensor(seq[n_prompt:]))
+            assert abs(float(got[i]) - float(want)) < 1e-5

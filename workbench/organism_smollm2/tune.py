@@ -152,13 +152,16 @@ def _collate(rows: list[tuple[list[int], int]], pad: int) -> tuple[torch.Tensor,
 
 
 def row_losses(hf_model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``Float[Tensor, "row"]``: each row's mean target-token cross-entropy (long replies do not outweigh short ones)."""
-    logits = hf_model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    """``Float[Tensor, "row"]``: each row's mean target-token cross-entropy (long replies do not outweigh short ones).
+    The unembedding runs on the target positions only (a third of the tokens: the prompts are not scored)."""
+    hidden = hf_model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
     target = labels[:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                            ignore_index=-100, reduction="none").view(target.shape)
-    m = (target != -100).float()
-    return (nll * m).sum(1) / m.sum(1).clamp(min=1)
+    scored = target != -100
+    logits = hf_model.lm_head(hidden[scored]).float()
+    nll = torch.nn.functional.cross_entropy(logits, target[scored], reduction="none")
+    rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(target)[scored]
+    total = torch.zeros(ids.shape[0], device=nll.device).index_add(0, rows, nll)
+    return total / scored.sum(1).clamp(min=1)
 
 
 def micro_batches(rows: list[tuple[list[int], int]], max_tokens: int) -> list[list[tuple[list[int], int]]]:
