@@ -17,7 +17,8 @@ import pandas as pd
 import torch
 
 from .chat import prompt_lengths, tokenize_chat
-from .batching import length_batches, length_order
+from .batching import check_batch_size, length_batches, length_order
+from .decoding import GREEDY, Decoding
 from .errors import WorkbenchError
 from .models import model_device
 from .generation import Hook, generate_batch
@@ -55,8 +56,9 @@ def evaluate_refusal(
     keep_logprobs: bool = False,
     judge: Judge | str | None = None,
     prefix_cache=None,
+    decoding: Decoding | None = None,
 ) -> Evaluation:
-    """Generate greedy replies for every prompt set and judge them.
+    """Generate replies (greedy unless ``decoding`` says otherwise) for every prompt set and judge them.
 
     Args:
         prompt_sets: ``{category: prompts}``, e.g. :func:`workbench.data.organism_splits`.
@@ -71,29 +73,47 @@ def evaluate_refusal(
         prefix_cache: a :class:`workbench.prefix.PrefixCache` shared by evaluations of the same prompts under
             different plans (a sweep): each batch's clean prefill up to the last prompt token is computed once.
             Not with ``fwd_hooks`` (they edit the earlier positions the cache holds).
+        decoding: a :class:`workbench.decoding.Decoding`: greedy (``None``, the default) or sampling with
+            ``n_samples`` replies per prompt; refusal rates are then over all samples.
 
     Returns:
-        An :class:`Evaluation`; ``table`` has one row per prompt with ``category``, ``prompt``, ``reply``,
-        ``refused`` (the judge's verdict) and ``refusal_score`` (log-odds of a refusal first token);
-        ``table.attrs["judge"]`` names the judge.
+        An :class:`Evaluation`; ``table`` has one row per prompt (per sample when sampling, with a ``sample``
+        column) with ``category``, ``prompt``, ``reply``, ``refused`` (the judge's verdict) and ``refusal_score``
+        (log-odds of a refusal first token, the same for every sample); ``table.attrs["judge"]`` names the judge and
+        ``table.attrs["decoding"]`` the decoding.
     """
     judge = get_judge(judge)  # built once (a classifier judge loads a model), shared by every batch
     if prefix_cache is not None and fwd_hooks:
         raise WorkbenchError("a prefix cache holds clean prompts: it cannot be combined with fwd_hooks (use a plan)")
-    if batch_size is None or isinstance(batch_size, str):  # adaptive: batches of explicit sizes, see workbench.parallel
-        options = dict(max_new_tokens=max_new_tokens, fwd_hooks=fwd_hooks, system=system, plan=plan,
-                       keep_logprobs=keep_logprobs, judge=judge, prefix_cache=prefix_cache)
-        return _evaluate_sharded(model, prompt_sets, batch_size, 0, 1, None, show_progress, options)
     _check_prompt_sets(prompt_sets)
+    decoding = decoding or GREEDY
+    options = dict(max_new_tokens=max_new_tokens, fwd_hooks=fwd_hooks, system=system, plan=plan,
+                   keep_logprobs=keep_logprobs, judge=judge, prefix_cache=prefix_cache, decoding=decoding)
+    jobs = _jobs(prompt_sets, decoding)
+    if batch_size is None or isinstance(batch_size, str):  # adaptive: batches of explicit sizes, see workbench.parallel
+        return _evaluate_sharded(model, jobs, batch_size, 0, 1, None, show_progress, options)
+    return _evaluate_jobs(model, jobs, batch_size, show_progress, **options)
+
+
+def _jobs(prompt_sets: Mapping[str, Sequence[str]], decoding: "Decoding") -> list[tuple[str, str, int]]:
+    """``(category, prompt, sample index)`` for every prompt and sample, in the order of ``prompt_sets``."""
+    return [(cat, p, k) for cat, ps in prompt_sets.items() for p in ps for k in range(decoding.n_samples)]
+
+
+def _evaluate_jobs(model, jobs: Sequence[tuple[str, str, int]], batch_size: int, show_progress: bool, *,
+                   max_new_tokens: int, fwd_hooks, system, plan, keep_logprobs: bool, judge: Judge, prefix_cache,
+                   decoding: "Decoding") -> Evaluation:
+    """The batch loop of :func:`evaluate_refusal` over explicit jobs; rows in the order of ``jobs``."""
+    if check_batch_size(batch_size) is None:
+        raise WorkbenchError("the batch loop needs an explicit batch size")
     ref_ids = refusal_token_ids(model.tokenizer)
-    jobs = [(cat, p) for cat, ps in prompt_sets.items() for p in ps]
     # batches of similar lengths pad least
-    batches = length_batches(prompt_lengths(model.tokenizer, [p for _, p in jobs], system), batch_size)
+    batches = length_batches(prompt_lengths(model.tokenizer, [p for _, p, _ in jobs], system), batch_size)
     rows: list = [None] * len(jobs)
     logprobs: list = [None] * len(jobs)
     for idx in progress(batches, "evaluate", show_progress, total=len(batches)):
         chunk = [jobs[i] for i in idx]
-        batch = tokenize_chat(model.tokenizer, [p for _, p in chunk], system)
+        batch = tokenize_chat(model.tokenizer, [p for _, p, _ in chunk], system)
         extra = {}
         prefix = prefix_cache.get(batch) if prefix_cache is not None else None
         if prefix is not None:
@@ -103,33 +123,29 @@ def evaluate_refusal(
         if plan is not None:
             plan_hooks, info = plan.hooks_for(model, batch)
             hooks += plan_hooks
-        replies, logits = generate_batch(model, batch, max_new_tokens, hooks, **extra)
+        replies, logits = generate_batch(model, batch, max_new_tokens, hooks, decoding=decoding,
+                                         samples=[k for _, _, k in chunk], **extra)
         scores = refusal_score(logits, ref_ids).tolist()
-        verdicts = judge.judge([p for _, p in chunk], replies)
+        verdicts = judge.judge([p for _, p, _ in chunk], replies)
         lp = torch.log_softmax(logits.float(), -1).cpu() if keep_logprobs else None
-        for k, (i, (cat, prompt), reply, score, refused) in enumerate(zip(idx, chunk, replies, scores, verdicts)):
+        for k, (i, (cat, prompt, sample), reply, score, refused) in enumerate(zip(idx, chunk, replies, scores, verdicts)):
             row = {"category": cat, "prompt": prompt, "reply": reply,
                    "refused": refused, "refusal_score": score}
+            if decoding.sampling:
+                row["sample"] = sample
             row.update({key: v[k] for key, v in info.items()})
             rows[i] = row
             if lp is not None:
                 logprobs[i] = lp[k]
-    table = pd.DataFrame(rows)  # in the order of prompt_sets
+    table = pd.DataFrame(rows)  # in the order of the jobs
     table.attrs["judge"] = judge.name
+    table.attrs["decoding"] = decoding.to_dict()
     return Evaluation(table, torch.stack(logprobs) if keep_logprobs else None)
 
 
 def _check_prompt_sets(prompt_sets: Mapping[str, Sequence[str]]) -> None:
     if not prompt_sets or all(len(v) == 0 for v in prompt_sets.values()):
         raise WorkbenchError("evaluate_refusal needs at least one non-empty prompt set")
-
-
-def _group(chunk: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
-    """``[(category, x), ...]`` -> ``{category: [x, ...]}``, categories in order of first appearance."""
-    out: dict[str, list[str]] = {}
-    for cat, p in chunk:
-        out.setdefault(cat, []).append(p)
-    return out
 
 
 def _merge(parts: list[Evaluation], keep_logprobs: bool) -> Evaluation:
@@ -140,25 +156,20 @@ def _merge(parts: list[Evaluation], keep_logprobs: bool) -> Evaluation:
     return Evaluation(table, logprobs)
 
 
-def _evaluate_sharded(model, prompt_sets: Mapping[str, Sequence[str]], batch_size, rank: int, world: int, dist,
+def _evaluate_sharded(model, jobs: Sequence[tuple[str, str, int]], batch_size, rank: int, world: int, dist,
                       show_progress: bool, kwargs: dict) -> Evaluation:
-    """:func:`evaluate_refusal` over batches of ``batch_size`` jobs (:func:`workbench.parallel.map_batches`: this
-    rank runs batches ``rank, rank + world, ...``, ``"auto"`` sizes them and halves them on out-of-memory);
+    """The jobs of :func:`evaluate_refusal` over batches of ``batch_size`` (:func:`workbench.parallel.map_batches`:
+    this rank runs batches ``rank, rank + world, ...``, ``"auto"`` sizes them and halves them on out-of-memory);
     the parts are gathered in order."""
-    _check_prompt_sets(prompt_sets)
-    jobs = [(cat, p) for cat, ps in prompt_sets.items() for p in ps]
-    if kwargs.get("judge") is not None:  # resolve a named judge once, not once per batch
-        kwargs = {**kwargs, "judge": get_judge(kwargs["judge"])}
-    lengths = prompt_lengths(model.tokenizer, [p for _, p in jobs], kwargs.get("system"))
+    kwargs = {**kwargs, "judge": get_judge(kwargs.get("judge"))}  # resolved once, not once per batch
+    lengths = prompt_lengths(model.tokenizer, [p for _, p, _ in jobs], kwargs.get("system"))
     # batches cut along the length order, as evaluate_refusal cuts them; each job carries its index
     order = length_order(lengths)
     items = [(i, *jobs[i]) for i in order]
 
     def run(sub) -> Evaluation:
-        grouped = _group([(cat, p) for _, cat, p in sub])
-        index = _group([(cat, i) for i, cat, _ in sub])
-        ev = evaluate_refusal(model, grouped, batch_size=len(sub), show_progress=False, **kwargs)
-        ev.table["_job"] = [i for cat in grouped for i in index[cat]]  # evaluate_refusal's row order
+        ev = _evaluate_jobs(model, [job for _, *job in sub], len(sub), False, **kwargs)
+        ev.table["_job"] = [i for i, *_ in sub]
         return ev
 
     parts = map_batches(run, items, batch_size, model, lambda: max(lengths),
@@ -166,7 +177,7 @@ def _evaluate_sharded(model, prompt_sets: Mapping[str, Sequence[str]], batch_siz
                         dist=dist, show_progress=show_progress, desc="evaluate",
                         lengths=[lengths[i] for i in order])
     merged = _merge(parts, bool(kwargs.get("keep_logprobs", False)))
-    perm = merged.table["_job"].to_numpy().argsort(kind="stable")  # back to the order of prompt_sets
+    perm = merged.table["_job"].to_numpy().argsort(kind="stable")  # back to the order of the jobs
     table = merged.table.iloc[perm].drop(columns="_job").reset_index(drop=True)
     table.attrs = dict(merged.table.attrs)
     logprobs = merged.logprobs[torch.as_tensor(perm)] if merged.logprobs is not None else None
@@ -204,7 +215,11 @@ def evaluate_distributed(model, prompt_sets: Mapping[str, Sequence[str]], batch_
         dist.all_gather_object(seen, _fingerprint_jobs(prompt_sets))
         if len(set(seen)) != 1:
             raise WorkbenchError(f"ranks hold different prompt sets (fingerprints {seen}); pass the same prompts on every rank")
-    return _evaluate_sharded(model, prompt_sets, batch_size, rank, world, dist, show_progress, kwargs)
+    _check_prompt_sets(prompt_sets)
+    decoding = kwargs.pop("decoding", None) or GREEDY
+    kwargs = {"max_new_tokens": 24, "fwd_hooks": (), "system": None, "plan": None, "keep_logprobs": False,
+              "judge": None, "prefix_cache": None, **kwargs, "decoding": decoding}
+    return _evaluate_sharded(model, _jobs(prompt_sets, decoding), batch_size, rank, world, dist, show_progress, kwargs)
 
 
 def first_token_kl(reference: Evaluation, steered: Evaluation, category: str | None = None) -> float:

@@ -1,4 +1,5 @@
-"""Batched, left-padded, KV-cached greedy generation with optional TransformerLens hooks.
+"""Batched, left-padded, KV-cached generation (greedy, or seeded sampling: :mod:`workbench.decoding`) with optional
+TransformerLens hooks.
 
 Generation runs Hugging Face ``generate`` on the bridge's wrapped model: the bridge replaces the HF modules
 by its hooked components, so every hook added with ``bridge.hooks(...)`` fires on the prefill (sequence
@@ -14,6 +15,8 @@ import torch
 
 from .chat import ChatBatch, prompt_lengths, tokenize_chat
 from .batching import length_batches
+from .decoding import Decoding
+from .errors import WorkbenchError
 from .models import model_device
 from .progress import progress
 
@@ -39,11 +42,15 @@ def generate_batch(
     batch: ChatBatch,
     max_new_tokens: int = 24,
     fwd_hooks: Sequence[Hook] = (),
+    decoding: Decoding | None = None,
+    samples: Sequence[int] | None = None,
     **generate_kwargs,
 ) -> tuple[list[str], torch.Tensor]:
-    """Greedy replies for one tokenised batch; hooks are active for prefill and every decoding step.
+    """Replies for one tokenised batch; hooks are active for prefill and every decoding step.
 
-    ``generate_kwargs`` go to Hugging Face ``generate`` (e.g. ``min_new_tokens`` for fixed-length timing).
+    ``decoding`` (default greedy) may sample: row ``i`` is sample ``samples[i]`` (default 0) of its prompt, seeded
+    by the prompt's text (:mod:`workbench.decoding`). ``generate_kwargs`` go to Hugging Face ``generate`` (e.g.
+    ``min_new_tokens`` for fixed-length timing).
 
     Returns:
         the replies (cut at the first eos, special tokens removed) and the next-token logits at the last
@@ -51,6 +58,14 @@ def generate_batch(
     """
     tok = model.tokenizer
     eos = eos_ids(tok, model)
+    if decoding is not None and decoding.sampling:
+        from transformers import LogitsProcessorList
+
+        rows = list(samples) if samples is not None else [0] * len(batch.texts)
+        if len(rows) != len(batch.texts):
+            raise WorkbenchError(f"{len(rows)} sample indices for a batch of {len(batch.texts)} prompts")
+        generate_kwargs["logits_processor"] = LogitsProcessorList(
+            [decoding.processor(batch.texts, rows, batch.input_ids.shape[1])])
     out = _greedy(model, batch, max_new_tokens, fwd_hooks, eos_token_id=eos, return_dict_in_generate=True,
                   output_logits=True, **generate_kwargs)
     new = out.sequences[:, batch.input_ids.shape[1]:]
@@ -69,15 +84,21 @@ def generate(
     fwd_hooks: Sequence[Hook] = (),
     system: str | None = None,
     show_progress: bool = True,
-) -> list[str]:
-    """Greedy chat replies to ``prompts`` (batched along their token lengths, left-padded, KV-cached)."""
-    batches = length_batches(prompt_lengths(model.tokenizer, prompts, system), batch_size)
-    replies: list = [None] * len(prompts)
+    decoding: Decoding | None = None,
+) -> list[str] | list[list[str]]:
+    """Chat replies to ``prompts`` (batched along their token lengths, left-padded, KV-cached): greedy, or as
+    ``decoding`` says. One reply per prompt, or with ``decoding.n_samples > 1`` a list of the samples per prompt."""
+    n = decoding.n_samples if decoding is not None else 1
+    jobs = [(p, k) for p in prompts for k in range(n)]
+    batches = length_batches(prompt_lengths(model.tokenizer, [p for p, _ in jobs], system), batch_size)
+    replies: list = [None] * len(jobs)
     for idx in progress(batches, "generate", show_progress, total=len(batches)):
-        batch = tokenize_chat(model.tokenizer, [prompts[i] for i in idx], system)
-        for i, reply in zip(idx, generate_batch(model, batch, max_new_tokens, fwd_hooks)[0]):
+        batch = tokenize_chat(model.tokenizer, [jobs[i][0] for i in idx], system)
+        out = generate_batch(model, batch, max_new_tokens, fwd_hooks, decoding=decoding,
+                             samples=[jobs[i][1] for i in idx])[0]
+        for i, reply in zip(idx, out):
             replies[i] = reply
-    return replies
+    return replies if n == 1 else [replies[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
 def greedy_continuations(model, batch: ChatBatch, n_tokens: int, fwd_hooks: Sequence[Hook] = (),

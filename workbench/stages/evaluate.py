@@ -1,4 +1,5 @@
-"""The evaluate stage: greedy replies to every prompt set of one split, judged for refusal (no intervention).
+"""The evaluate stage: replies (greedy, or sampled: ``EvaluateConfig.decoding``) to every prompt set of one split,
+judged for refusal (no intervention).
 
 Reads the prompt data only; writes ``generations.jsonl`` (one row per prompt: category, prompt, reply, refused,
 refusal score) and ``summary.json`` (refusal rate, refusal score and count per category).
@@ -6,11 +7,12 @@ refusal score) and ``summary.json`` (refusal rate, refusal score and count per c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from ..decoding import Decoding
 from .base import Result, Stage
 
 GENERATIONS = "generations.jsonl"
@@ -30,6 +32,8 @@ class EvaluateConfig:
     batch_size: int | str = 32
     #: refusal judge: "substring" (default) or another registered judge
     judge: str | None = None
+    #: greedy (default) or sampling: mode, temperature, top_p, seed, n_samples (workbench.decoding)
+    decoding: Decoding = field(default_factory=Decoding)
 
 
 @dataclass
@@ -70,6 +74,9 @@ class EvaluateStage(Stage):
             raise WorkbenchError(f"the prompt data ({data.source}) has no {config.split} prompts of categories "
                                  f"{list(config.categories or data.categories)}")
         ev = evaluate_distributed(model, sets, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                                  show_progress=show_progress, judge=config.judge, plan=plan, fwd_hooks=fwd_hooks)
+                                  show_progress=show_progress, judge=config.judge, plan=plan, fwd_hooks=fwd_hooks,
+                                  decoding=config.decoding)
         summary = {"split": config.split, "judge": ev.table.attrs.get("judge"), **ev.summary()}
+        if config.decoding.sampling:
+            summary["decoding"] = config.decoding.to_dict()
         return EvaluateResult(summary, {"generations": ev.table})
