@@ -226,9 +226,16 @@ def test_verify_finds_a_corrupted_shard(tiny_model, tmp_path):
     with pytest.raises(WorkbenchError, match="checksum mismatch"):
         e.check()
     before = snapshot(tmp_path)
-    with Counter(tiny_model) as c:  # a hit: nothing recomputed, nothing overwritten
-        compute(tiny_model, store, hooks="resid_pre", batch_size=3)
-    assert c.n == 0 and snapshot(tmp_path) == before
+    # a hit on the corrupted entry is not served: the damaged hook (only) is recomputed and replaces the file
+    with Counter(tiny_model) as c:
+        again = compute(tiny_model, store, hooks="resid_pre", batch_size=3)
+    assert c.n == 3  # 7 prompts in shards of 3: one hook's three shards
+    after = snapshot(tmp_path)
+    changed = {k for k in before if before[k] != after[k]}
+    hook_file = f"{e.key}/hooks/blocks.1.hook_resid_pre.safetensors"
+    assert hook_file in changed and changed <= {hook_file, f"{e.key}/manifest.json"}  # (timestamps: to the second)
+    assert store.verify().empty
+    assert again.manifest["hooks"]["blocks.1.hook_resid_pre"]["shards"] == rec["shards"]  # the clean values
 
 
 def test_concurrent_writers_compute_once(tiny_model, tmp_path):

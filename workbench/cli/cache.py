@@ -1,4 +1,4 @@
-"""``workbench cache ls|rm|verify|compute`` and ``workbench bench cache``: thin commands over workbench.store."""
+"""``workbench cache ls|rm|verify|gc|compute`` and ``workbench bench cache``: thin commands over workbench.store."""
 
 from __future__ import annotations
 
@@ -44,9 +44,11 @@ def cmd_rm(a: argparse.Namespace) -> dict:
 
 def cmd_verify(a: argparse.Namespace) -> dict:
     store = _store(a)
-    bad = store.verify(a.key, show_progress=not a.quiet)
-    n = len(store.keys()) if a.key is None else 1
-    result = {"root": str(store.root), "entries_checked": n, "n_problems": len(bad), "problems": _records(bad)}
+    bad = store.verify(a.key, show_progress=not a.quiet)  # raises on a missing store: nothing checked is no success
+    n = len(store.entry_dirs()) if a.key is None else 1
+    unsealed = store.unsealed() if a.key is None else [k for k in store.unsealed() if k == store.resolve_key(a.key)]
+    result = {"root": str(store.root), "entries_checked": n, "n_problems": len(bad), "problems": _records(bad),
+              "no_manifest_checksum": unsealed}
     if len(bad):
         if a.json:
             print(json.dumps(result, indent=2))
@@ -57,6 +59,16 @@ def cmd_verify(a: argparse.Namespace) -> dict:
             f"`workbench cache rm KEY` and recompute"
         )
     return result
+
+
+def cmd_gc(a: argparse.Namespace) -> dict:
+    store = _store(a)
+    df = store.gc(dry_run=a.dry_run)
+    done = df[df["action"] != "skipped: another process holds its writer lock"]
+    if not a.json:
+        print(df.to_string(index=False) if len(df) else "(no debris)")
+    return {"root": str(store.root), "dry_run": a.dry_run, "n_removed": len(done),
+            "freed_mb": round(float(done["size_mb"].sum()), 3) if len(done) else 0.0, "items": _records(df)}
 
 
 def _parse_positions(s: str):
@@ -121,7 +133,7 @@ def register(sub, bench_sub) -> None:
     from ..batching import parse_batch_size
     from . import add_common_args
 
-    p = sub.add_parser("cache", help="the shared activation cache store (ls, rm, verify, compute)")
+    p = sub.add_parser("cache", help="the shared activation cache store (ls, rm, verify, gc, compute)")
     csub = p.add_subparsers(dest="cache_command", required=True)
 
     c = csub.add_parser("ls", help="list the entries of the store")
@@ -135,11 +147,19 @@ def register(sub, bench_sub) -> None:
     _root(c)
     c.set_defaults(func=cmd_rm)
 
-    c = csub.add_parser("verify", help="check every checksum (one entry or all); exit status 2 on corruption")
+    c = csub.add_parser("verify", help="check manifests, headers and every checksum (one entry or all); exit status "
+                        "2 on corruption or when there is no store")
     c.add_argument("key", nargs="?", default=None)
     add_common_args(c, model=False)
     _root(c)
     c.set_defaults(func=cmd_verify)
+
+    c = csub.add_parser("gc", help="remove the debris of interrupted work (unfinished .work directories, "
+                        "half-written temporaries, leftovers of removals); skips keys another process is writing")
+    c.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    add_common_args(c, model=False)
+    _root(c)
+    c.set_defaults(func=cmd_gc)
 
     c = csub.add_parser("compute", help="compute (or find) the activations of a prompt split")
     add_common_args(c)

@@ -40,7 +40,7 @@ from .distributed import compute_distributed
 from .request import Request, model_fingerprint, model_name, normalise_prompts
 from ..vocab import resolve_positions
 from .spec import check_positions, resolve_hooks
-from .workdir import WorkDir
+from .workdir import WorkDir, repair, stored
 
 
 def entry_key(fp: str, batch: ChatBatch, positions, dtype: str) -> str:
@@ -112,12 +112,15 @@ def get_or_compute(
     Returns:
         An :class:`Entry` whose ``hook_names`` are the requested hooks. Hooks already stored for the same
         prompts, positions and dtype are reused; only missing hooks (and, after a crash, missing shards) are
-        computed.
+        computed. A hit is checked before it is served (the manifest, its agreement with the request, and, once
+        per process, the base files and the requested hooks' headers and shard checksums); a damaged entry is
+        recomputed -- the damaged hooks, or the whole entry when its manifest or base files are damaged -- with
+        a warning reported as a ``store_recompute`` fallback.
 
     Raises:
         WorkbenchError: empty prompts, unknown hook, a position outside a prompt, an unwritable store, a
             manifest from a newer format version, ``computed`` taken on other tokens or lacking a requested
-            hook -- before anything is written.
+            hook -- before anything is written; a full disk while writing (the partial work is removed).
     """
     if store is None:
         store = ActivationStore()
@@ -129,17 +132,24 @@ def get_or_compute(
     rank, world, dist = _dist_context()
     if world > 1:
         return compute_distributed(store, model, req, show_progress, rank, world, dist, computed)
-    manifest = store.read_manifest(req.key)
-    if manifest is not None and not req.missing(manifest):
+    manifest, damage = stored(store, req)
+    if manifest is not None and damage is None and not req.missing(manifest):
         return Entry(store, req.key, manifest, req.hook_names, req.meta)
     store.ensure_writable()
     with store.lock(req.key):
-        manifest = store.read_manifest(req.key)
+        manifest, damage = stored(store, req)  # again: another writer may have computed or repaired it
+        if damage is not None:
+            manifest = repair(store, req, manifest, damage)
         missing = req.missing(manifest)
         if missing:
             work = WorkDir(store, req, computed)
-            plan = work.prepare(model, missing, entry_exists=manifest is not None)
-            work.run(model, plan, rank=0, world=1, show_progress=show_progress)
-            work.finalize(missing)
+            try:
+                plan = work.prepare(model, missing, entry_exists=manifest is not None)
+                work.run(model, plan, rank=0, world=1, show_progress=show_progress)
+                work.finalize(missing)
+            except OSError as exc:
+                if not fileio.disk_full(exc):
+                    raise
+                raise work.disk_full(missing, exc) from None
             manifest = store.read_manifest(req.key)
     return Entry(store, req.key, manifest, req.hook_names, req.meta)

@@ -3,20 +3,28 @@
 Layout under ``root`` (argument > ``$WORKBENCH_CACHE`` > ``~/.cache/workbench``)::
 
     activations/<key>/manifest.json         format_version, model fingerprint and name, positions, dtype,
-                                            n_prompts, per-hook shard lists with sha256, created/updated,
-                                            versions (python, torch, transformers, transformer-lens,
-                                            workbench, git commit; absent from older manifests)
+                                            n_prompts, per-hook shard lists with sha256 (and the sha256 of
+                                            the hook file's header), created/updated, versions (python,
+                                            torch, transformers, transformer-lens, workbench, git commit),
+                                            manifest_sha256 (its own checksum); the last three are absent
+                                            from older manifests
     activations/<key>/tokens.safetensors    input_ids, attention_mask  Int[Tensor, "prompt pos"] (left-padded)
     activations/<key>/prompts.jsonl         one row per prompt: index, prompt, text (formatted), n_tokens, metadata
     activations/<key>/hooks/<hook>.safetensors   one tensor [prompt, pos, *rest] per hook, written shard by shard
     activations/.work/<key>/                in-progress work (crash-resumable), moved into place when complete
     activations/.locks/<key>.lock           one writer per key (filelock)
+    activations/.trash/                     entries being removed (renamed here first, then deleted)
 
 An entry is keyed by (format version, model fingerprint, runtime versions of python, torch, transformers,
 transformer-lens and workbench, exact formatted prompts and token ids, positions, storage dtype), so an upgrade
 computes fresh entries; hooks are per-hook sub-entries inside it, so a request for more hooks of the same
 prompts only computes the hooks that are missing. Readers never take the lock: manifests are replaced atomically, hook files
 are moved in before the manifest names them.
+
+Every read is checked (:mod:`workbench.store.integrity`): the manifest against its own checksum and schema on
+every read, each file against the manifest's checksums the first time this process reads it. A damaged entry
+raises :class:`~workbench.store.integrity.DamagedEntry`; ``get_or_compute`` recomputes it instead (a warning,
+reported as a ``store_recompute`` fallback). :meth:`ActivationStore.gc` removes the debris of interrupted work.
 """
 
 from __future__ import annotations
@@ -24,10 +32,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -36,7 +47,8 @@ from filelock import FileLock, Timeout
 
 from ..errors import WorkbenchError
 from ..progress import progress
-from . import fileio
+from . import fileio, integrity
+from .integrity import DamagedEntry
 from .spec import ALIASES, alias_names, resolve_hooks_from_names, split_name
 
 log = logging.getLogger("workbench.store")
@@ -113,19 +125,33 @@ class ActivationStore:
             WorkbenchError: an unreadable manifest, or one written by a newer format version.
         """
         path = self.entry_path(key) / "manifest.json"
-        if not path.exists():
-            return None
         try:
-            manifest = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise WorkbenchError(
-                f"the manifest of entry {key} ({path}) is unreadable ({exc}); remove it with `workbench cache rm {key}`"
-            ) from None
-        check_format(manifest, path)
+            raw = path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise WorkbenchError(f"the manifest of entry {key} ({path}) is unreadable ({exc.strerror or exc})") from None
+        manifest = integrity.parse_manifest(raw, key, path)
+        check_format(manifest, path, key)
+        integrity.check_manifest(manifest, key, path)
         return manifest
 
     def write_manifest(self, key: str, manifest: dict) -> None:
-        fileio.atomic_write_json(self.entry_path(key) / "manifest.json", manifest)
+        """Replace the manifest of ``key`` atomically, with its checksum."""
+        write_manifest_file(self.entry_path(key) / "manifest.json", manifest)
+
+    def entry_dirs(self) -> list[Path]:
+        """Every entry directory (complete or damaged), sorted by key."""
+        if not self.base.is_dir():
+            return []
+        return sorted(p for p in self.base.iterdir() if not p.name.startswith(".") and p.is_dir())
+
+    def _require_store(self, what: str) -> None:
+        if not self.base.is_dir():
+            raise WorkbenchError(
+                f"there is no activation store at {str(self.root)!r} (no {_SUBDIR}/ directory): nothing to {what}; "
+                "check --root or WORKBENCH_CACHE"
+            )
 
     def keys(self) -> list[str]:
         """Keys of the complete entries (directories with a manifest)."""
@@ -164,9 +190,7 @@ class ActivationStore:
                 "created", "updated", "status", "path"]
         rows = []
         if self.base.is_dir():
-            for p in sorted(self.base.iterdir()):
-                if p.name.startswith(".") or not p.is_dir():
-                    continue
+            for p in self.entry_dirs():
                 rows.append(self._ls_row(p, p.name))
             work = self.base / ".work"
             if work.is_dir():
@@ -188,7 +212,8 @@ class ActivationStore:
             **row, "model": m["model"].get("name"), "fingerprint": m["model"].get("fingerprint"),
             "n_prompts": m["n_prompts"], "positions": m.get("positions_label", str(m["positions"])),
             "dtype": m["dtype"], "n_hooks": len(m["hooks"]), "hooks": summarise_hooks(list(m["hooks"])),
-            "created": m.get("created"), "updated": m.get("updated"), "status": "ok",
+            "created": m.get("created"), "updated": m.get("updated"),
+            "status": "ok" if integrity.CHECKSUM_FIELD in m else "ok (no manifest checksum)",
         }
 
     def _ls_work_row(self, path: Path) -> dict:
@@ -199,7 +224,7 @@ class ActivationStore:
                        hooks=summarise_hooks(list(st.get("hooks", {}))), created=st.get("created"),
                        model=st.get("model", {}).get("name"), fingerprint=st.get("model", {}).get("fingerprint"),
                        positions=st.get("positions_label"))
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError, AttributeError, TypeError):  # unreadable, not UTF-8 / JSON, not an object
             pass
         return row
 
@@ -215,24 +240,113 @@ class ActivationStore:
                 raise
         self.ensure_writable()
         with self.lock(key):
-            for src in (self.entry_path(key), self.work_path(key)):
-                if src.exists():
-                    trash = self.base / ".trash" / f"{key}-{uuid.uuid4().hex[:8]}"
-                    os.rename(src, trash)
-                    shutil.rmtree(trash, ignore_errors=True)
+            self.discard(key, work=True)
+
+    def discard(self, key: str, work: bool = False) -> None:
+        """Remove the entry directory of ``key`` (and its work directory if ``work``); the caller holds the lock.
+        Each directory is renamed into ``.trash`` first, so a reader never sees half of it."""
+        for src in (self.entry_path(key), self.work_path(key)) if work else (self.entry_path(key),):
+            _remove_tree(self, src, key)
 
     def verify(self, key: str | None = None, show_progress: bool = False) -> pd.DataFrame:
-        """Check every checksum of one entry (or all); returns the bad files and shards (empty if all good).
+        """Check one entry (or all): the manifest (checksum, schema), the base files' checksums, every hook
+        file's size, safetensors header and shard checksums. Returns the problems (empty if all good).
 
         Columns: key, hook, shard, rows, file, problem.
+
+        Raises:
+            WorkbenchError: there is no store at :attr:`root` (verifying nothing is not a success).
         """
-        keys = [self.resolve_key(key)] if key is not None else [
-            p.name for p in sorted(self.base.iterdir()) if not p.name.startswith(".") and p.is_dir()
-        ] if self.base.is_dir() else []
+        self._require_store("verify")
+        keys = [self.resolve_key(key)] if key is not None else [p.name for p in self.entry_dirs()]
         bad: list[dict] = []
         for k in progress(keys, desc="verify", enabled=show_progress):
             bad += _verify_entry(self, k)
         return pd.DataFrame(bad, columns=["key", "hook", "shard", "rows", "file", "problem"])
+
+    def unsealed(self) -> list[str]:
+        """Keys of readable entries whose manifest predates manifest checksums (accepted, with a warning)."""
+        out = []
+        for p in self.entry_dirs():
+            try:
+                m = integrity.parse_manifest((p / "manifest.json").read_bytes(), p.name, p / "manifest.json")
+            except (OSError, WorkbenchError):
+                continue
+            if integrity.CHECKSUM_FIELD not in m:
+                out.append(p.name)
+        return out
+
+    def gc(self, dry_run: bool = False, probe_age: float = 60.0) -> pd.DataFrame:
+        """Remove the debris of interrupted work, never what a live writer holds.
+
+        Removed: unfinished work directories ``.work/<key>/`` (an interrupted computation: rerunning it would
+        have resumed from them), leftovers in ``.trash/``, entry directories without a manifest, half-written
+        ``.<name>.<pid>.tmp`` files and hook files the manifest does not name inside entries, and ``.probe-*``
+        files older than ``probe_age`` seconds. Everything of a key is only touched while holding its writer
+        lock, taken without waiting: a key whose lock is held (another process is writing it) is skipped.
+        Damaged entries are not removed (see :meth:`verify`, :meth:`rm`).
+
+        Returns:
+            One row per item: path, kind (work, trash, no_manifest, tmp, orphan, probe), size_mb, action
+            (``removed``, ``would remove`` with ``dry_run``, or ``skipped: ...``).
+        """
+        self._require_store("clean")
+        if not dry_run:
+            self.ensure_writable()
+        rows: list[dict] = []
+
+        def take(path: Path, kind: str, key: str | None = None) -> None:
+            size = round(_dir_size(path) / 2**20, 3) if path.is_dir() else round(_file_size(path) / 2**20, 3)
+            if not dry_run:
+                if path.is_dir():
+                    _remove_tree(self, path, key or path.name)
+                else:
+                    path.unlink(missing_ok=True)
+            rows.append({"path": str(path), "kind": kind, "size_mb": size,
+                         "action": "would remove" if dry_run else "removed"})
+
+        def skip(path: Path, kind: str) -> None:
+            rows.append({"path": str(path), "kind": kind, "size_mb": None,
+                         "action": "skipped: another process holds its writer lock"})
+
+        trash = self.base / ".trash"
+        for p in sorted(trash.iterdir()) if trash.is_dir() else []:
+            take(p, "trash")
+        work = self.base / ".work"
+        for p in sorted(work.iterdir()) if work.is_dir() else []:
+            if p.is_dir():
+                with self._try_lock(p.name, dry_run) as held:
+                    take(p, "work") if held else skip(p, "work")
+            elif p.name.startswith(".probe-") and time.time() - _mtime(p) > probe_age:
+                take(p, "probe")
+        for p in self.entry_dirs():
+            if not _entry_debris(self, p):
+                continue
+            with self._try_lock(p.name, dry_run) as held:
+                if not held:
+                    skip(p, "entry")
+                    continue
+                for path, kind in _entry_debris(self, p):  # again, under the lock
+                    take(path, kind, p.name)
+        return pd.DataFrame(rows, columns=["path", "kind", "size_mb", "action"])
+
+    @contextmanager
+    def _try_lock(self, key: str, dry_run: bool = False):
+        """``with store._try_lock(key) as held``: the writer lock of ``key`` if free now (no waiting).
+        In a dry run, whether it is free (taken and released at once)."""
+        lock = FileLock(str(self.base / ".locks" / f"{key}.lock"), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            yield False
+            return
+        except OSError:  # a read-only store (dry run): nobody can be writing it
+            yield True
+            return
+        try:
+            yield True
+        finally:
+            lock.release()
 
     def get_or_compute(self, model, prompts, **kwargs) -> "Entry":
         """:func:`workbench.store.get_or_compute` with ``store=self``."""
@@ -252,15 +366,65 @@ class _Held:
         self._lock.release()
 
 
-def check_format(manifest: dict, path) -> None:
+def write_manifest_file(path: Path, manifest: dict) -> None:
+    """Write a manifest atomically, with its checksum (:func:`workbench.store.integrity.seal`)."""
+    fileio.atomic_write_json(path, integrity.seal(manifest))
+
+
+def check_format(manifest: dict, path, key: str) -> None:
     version = manifest.get("format_version")
-    if not isinstance(version, int):
-        raise WorkbenchError(f"{path} has no integer format_version; it is not a workbench store manifest")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise DamagedEntry(key, "its manifest has no integer format_version (not a workbench store manifest)", path)
     if version > FORMAT_VERSION:
         raise WorkbenchError(
             f"{path} was written by a newer workbench (store format {version}; this one reads up to "
             f"{FORMAT_VERSION}); upgrade workbench or use another cache root -- the entry was left untouched"
         )
+
+
+_TMP_RE = re.compile(r"^\..+\.\d+\.tmp$")  # fileio.atomic_write_bytes: .<name>.<pid>.tmp
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return time.time()
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_blocks * 512
+    except OSError:
+        return 0
+
+
+def _remove_tree(store: ActivationStore, src: Path, key: str) -> None:
+    """Rename ``src`` into ``.trash`` (atomic: readers see all of it or nothing), then delete it."""
+    if not src.exists():
+        return
+    (store.base / ".trash").mkdir(parents=True, exist_ok=True)
+    trash = store.base / ".trash" / f"{key}-{uuid.uuid4().hex[:8]}"
+    os.rename(src, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _entry_debris(store: ActivationStore, path: Path) -> list[tuple[Path, str]]:
+    """``[(path, kind)]`` of the debris inside an entry directory: the whole directory when it has no
+    manifest, else half-written temporaries and hook files its (readable) manifest does not name."""
+    if not (path / "manifest.json").exists():
+        return [(path, "no_manifest")]
+    out = [(p, "tmp") for p in sorted(path.rglob(".*.tmp")) if p.is_file() and _TMP_RE.match(p.name)]
+    try:
+        m = store.read_manifest(path.name)
+    except WorkbenchError:
+        return out  # a damaged entry: leave its files alone
+    named = {(path / rec["file"]).resolve() for rec in m["hooks"].values()}
+    hooks = path / "hooks"
+    for p in sorted(hooks.iterdir()) if hooks.is_dir() else []:
+        if p.is_file() and not _TMP_RE.match(p.name) and p.resolve() not in named:
+            out.append((p, "orphan"))
+    return out
 
 
 def _dir_size(path: Path) -> int:
@@ -310,7 +474,7 @@ def _verify_entry(store: ActivationStore, key: str) -> list[dict]:
     if m is None:
         add(None, None, None, str(root / "manifest.json"), "missing manifest")
         return bad
-    for name, rec in m.get("files", {}).items():
+    for name, rec in m["files"].items():
         path = root / rec["path"]
         if not path.exists():
             add(None, None, None, str(path), f"missing {name} file")
@@ -318,35 +482,15 @@ def _verify_entry(store: ActivationStore, key: str) -> list[dict]:
             add(None, None, None, str(path), f"{name} file checksum mismatch")
     for hook, rec in m["hooks"].items():
         path = root / rec["file"]
-        problem = _hook_file_problem(path, rec)
+        problem = integrity.size_problem(path, rec) or integrity.header_problem(path, rec, hook, key)
         if problem:
             add(hook, None, None, str(path), problem)
             continue
-        for shard in rec["shards"]:
-            a, b = shard["rows"]
-            buf = fileio.read_range(path, rec["data_offset"] + a * _row_bytes(rec), (b - a) * _row_bytes(rec))
-            got = fileio.sha256(buf)
+        for shard, got in integrity.hash_shards(path, rec):
             if got != shard["sha256"]:
-                add(hook, shard["index"], [a, b], str(path),
+                add(hook, shard.get("index"), shard["rows"], str(path),
                     f"checksum mismatch (expected {shard['sha256'][:12]}..., got {got[:12]}...)")
     return bad
-
-
-def _row_bytes(rec: dict) -> int:
-    n = 1
-    for s in rec["shape"][1:]:
-        n *= s
-    return n * fileio.itemsize(rec["dtype"])
-
-
-def _hook_file_problem(path: Path, rec: dict) -> str | None:
-    if not path.exists():
-        return "missing hook file"
-    want = rec["data_offset"] + rec["shape"][0] * _row_bytes(rec)
-    size = path.stat().st_size
-    if size != want:
-        return f"file size {size} != {want} bytes expected from the manifest (truncated or replaced)"
-    return None
 
 
 class Entry:
@@ -414,11 +558,33 @@ class Entry:
         return [layer for layer, _ in self._alias_hooks(alias)]
 
     # ---- tokens and prompts ---------------------------------------------------------------------------
+    def _base_file(self, name: str) -> Path:
+        """Path of the ``tokens`` or ``prompts`` file, checked against its checksum (once per process)."""
+        rec = self.manifest["files"][name]
+        path = self.path / rec["path"]
+        integrity.check_base_file(self.key, name, path, rec)
+        return path
+
+    def check_base_files(self) -> None:
+        """Check ``tokens.safetensors`` and ``prompts.jsonl`` (once per process); DamagedEntry if damaged."""
+        for name in ("tokens", "prompts"):
+            self._base_file(name)
+
     def _load_tokens(self) -> dict[str, torch.Tensor]:
         if self._tokens is None:
             from safetensors.torch import load_file
 
-            self._tokens = load_file(str(self.path / self.manifest["files"]["tokens"]["path"]))
+            path = self._base_file("tokens")
+            try:
+                tokens = load_file(str(path))
+            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+                raise DamagedEntry(self.key, f"its tokens file is not readable safetensors ({exc})", path) from None
+            shapes = {k: tuple(v.shape) for k, v in tokens.items()}
+            if set(shapes) != {"input_ids", "attention_mask"} or shapes["input_ids"] != shapes["attention_mask"] \
+                    or shapes["input_ids"][0] != self.n_prompts:
+                raise DamagedEntry(self.key, f"its tokens file holds {shapes}; expected input_ids and attention_mask "
+                                             f"of {self.n_prompts} rows", path)
+            self._tokens = tokens
         return self._tokens
 
     @property
@@ -437,9 +603,16 @@ class Entry:
         return self.attention_mask.bool() if self.positions == "all" else None
 
     def _rows(self) -> list[dict]:
-        path = self.path / self.manifest["files"]["prompts"]["path"]
-        with open(path, encoding="utf-8") as fh:
-            return [json.loads(line) for line in fh if line.strip()]
+        path = self._base_file("prompts")
+        try:
+            rows = [json.loads(line) for line in path.read_bytes().decode("utf-8").splitlines() if line.strip()]
+        except ValueError as exc:  # not UTF-8, or a line that is not JSON
+            raise DamagedEntry(self.key, f"its prompts file is not UTF-8 JSON lines ({exc})", path) from None
+        if len(rows) != self.n_prompts or not all(isinstance(r, dict) and {"prompt", "text", "n_tokens"} <= set(r)
+                                                  for r in rows):
+            raise DamagedEntry(self.key, f"its prompts file has {len(rows)} rows; expected {self.n_prompts} objects "
+                                         "with prompt, text and n_tokens", path)
+        return rows
 
     @property
     def prompts(self) -> list[str]:
@@ -476,47 +649,60 @@ class Entry:
                 )
             name = resolved[0]
         rec = self.manifest["hooks"][name]
-        problem = _hook_file_problem(self.path / rec["file"], rec)
+        path = self.path / rec["file"]
+        problem = integrity.size_problem(path, rec)
         if problem:
-            raise WorkbenchError(
-                f"entry {self.key} is damaged: {rec['file']}: {problem}; run `workbench cache verify {self.key}` and "
-                f"`workbench cache rm {self.key}` to recompute it"
-            )
+            raise DamagedEntry(self.key, f"{name}: {problem}", path, hooks=[name])
         return name, rec
+
+    def check_hook(self, hook_name: str, force: bool = False) -> None:
+        """Check a hook's file (size, header, every shard checksum) unless this process already did (``force``:
+        again). Raises DamagedEntry naming the entry, the file and the first bad shard."""
+        name, rec = self._record(hook_name)
+        integrity.check_hook_file(self.key, name, self.path / rec["file"], rec, force=force)
 
     def activations(self, hook_name: str, verify: bool = False) -> torch.Tensor:
         """``Float[Tensor, "prompt pos d"]`` (``pos`` = len(positions), or the padded length for ``"all"``).
 
         A lazy, copy-on-write memory map of the hook's file: nothing is read until indexed, pages come from the
         OS page cache and can be evicted, in-place edits stay in this process. Accepts full names or
-        ``"alias.L"``. ``verify=True`` checks every shard checksum first (reads the whole hook once).
+        ``"alias.L"``. The first read of a file in a process checks its header and every shard checksum
+        (one sequential read of the file); ``verify=True`` checks again even if this process already did.
+
+        Raises:
+            DamagedEntry: the file fails a check (named with the entry, the hook and the rows).
         """
         name, rec = self._record(hook_name)
-        if verify:
-            for _ in self.iter_shards(name, verify=True):
-                pass
+        integrity.check_hook_file(self.key, name, self.path / rec["file"], rec, force=verify)
         return fileio.memmap_tensor(self.path / rec["file"], rec["data_offset"], rec["dtype"], rec["shape"])
 
     def iter_shards(self, hook_name: str, verify: bool = False) -> Iterator[tuple[slice, torch.Tensor]]:
         """Yield ``(rows, Float[Tensor, "rows pos d"])`` shard by shard, each read into fresh memory (no memory
         map kept), so a streaming reduction over an entry keeps RSS flat at about one shard.
 
-        Args:
-            verify: check each shard's sha256 before yielding it; a mismatch raises WorkbenchError.
+        The first pass over a file in a process checks its header and each shard's sha256 before yielding the
+        shard (no second read); later passes do not, unless ``verify``.
+
+        Raises:
+            DamagedEntry: a shard fails its checksum (raised before that shard is yielded).
         """
         name, rec = self._record(hook_name)
         path = self.path / rec["file"]
-        row_bytes = _row_bytes(rec)
+        check = verify or not integrity.was_checked(path, rec)
+        before = integrity.stat_key(path) if check else None
+        if check:
+            integrity.check_header(self.key, name, path, rec)
+        row_bytes = integrity.hook_row_bytes(rec)
         for shard in rec["shards"]:
             a, b = shard["rows"]
             buf = fileio.read_range(path, rec["data_offset"] + a * row_bytes, (b - a) * row_bytes)
-            if verify and fileio.sha256(buf) != shard["sha256"]:
-                raise WorkbenchError(
-                    f"entry {self.key}: shard {shard['index']} (rows {a}..{b}) of {name} fails its checksum "
-                    f"({path}); the file is corrupted -- run `workbench cache verify {self.key}` and "
-                    f"`workbench cache rm {self.key}`, then recompute"
-                )
+            if check:
+                problem = integrity.shard_problem(shard, name, fileio.sha256(buf))
+                if problem:
+                    raise DamagedEntry(self.key, problem, path, hooks=[name])
             yield slice(a, b), fileio.buffer_tensor(buf, rec["dtype"], [b - a, *rec["shape"][1:]])
+        if check:
+            integrity.remember(path, rec, before)
 
     def _alias_hooks(self, alias: str) -> list[tuple[int, str]]:
         hits = alias_names(self.hook_names, alias) or alias_names(self.available_hooks, alias)
@@ -541,7 +727,8 @@ class Entry:
         return torch.stack([self.activations(name, verify=verify) for _, name in hits], dim=1)
 
     def check(self) -> None:
-        """Verify every checksum of this entry; raise WorkbenchError naming the first bad file or shard."""
+        """Verify every checksum of this entry (as :meth:`ActivationStore.verify`, reading every file again);
+        raise WorkbenchError naming the first bad file or shard."""
         bad = _verify_entry(self.store, self.key)
         if bad:
             b = bad[0]

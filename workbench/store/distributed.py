@@ -8,11 +8,15 @@ worked). Every rank returns the same :class:`~workbench.store.core.Entry` or rai
 
 from __future__ import annotations
 
+import errno
+import os
+
 from ..errors import WorkbenchError
+from . import fileio
 from .capture import Computed
 from .core import ActivationStore, Entry
 from .request import Request
-from .workdir import WorkDir
+from .workdir import WorkDir, repair, stored
 
 
 def _broadcast(dist, obj, rank: int):
@@ -35,18 +39,22 @@ def compute_distributed(store: ActivationStore, model, req: Request, show_progre
     lock = None
     work = WorkDir(store, req, computed)
     payload: tuple = ("ok", [], [])
+    missing: list[str] = []
     if rank == 0:
         try:
-            manifest = store.read_manifest(req.key)
-            missing = req.missing(manifest)
-            if missing:
+            manifest, damage = stored(store, req)
+            if damage is not None or req.missing(manifest):
                 store.ensure_writable()
                 lock = store.lock(req.key)
-                manifest = store.read_manifest(req.key)
+                manifest, damage = stored(store, req)
+                if damage is not None:
+                    manifest = repair(store, req, manifest, damage)
                 missing = req.missing(manifest)
                 plan = work.prepare(model, missing, entry_exists=manifest is not None) if missing else []
                 payload = ("ok", missing, plan)
         except Exception as exc:  # noqa: BLE001 - every rank must learn about it
+            if lock is not None and fileio.disk_full(exc):
+                exc = work.disk_full(missing, exc)
             payload = ("error", f"{exc}", [])
     status, missing, plan = _broadcast(dist, payload, rank)
     try:
@@ -58,17 +66,20 @@ def compute_distributed(store: ActivationStore, model, req: Request, show_progre
                 work.load()
                 work.run(model, plan, rank=rank, world=world, show_progress=show_progress and rank == 0)
             except Exception as exc:  # noqa: BLE001
-                err = f"rank {rank}: {type(exc).__name__}: {exc}"
-            errors = [None] * world
-            dist.all_gather_object(errors, err)
-            errors = [e for e in errors if e]
+                err = (f"rank {rank}: {type(exc).__name__}: {exc}", fileio.disk_full(exc))
+            gathered = [None] * world
+            dist.all_gather_object(gathered, err)
+            errors = [e[0] for e in gathered if e]
             final = None
             if rank == 0:
                 try:
-                    if not errors:
+                    if any(e[1] for e in gathered if e):
+                        final = str(work.disk_full(missing, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+                    elif not errors:
                         work.finalize(missing)
                 except Exception as exc:  # noqa: BLE001
-                    final = f"rank 0 finalising: {type(exc).__name__}: {exc}"
+                    final = str(work.disk_full(missing, exc)) if fileio.disk_full(exc) else \
+                        f"rank 0 finalising: {type(exc).__name__}: {exc}"
             final = _broadcast(dist, final, rank)
             if errors or final:
                 raise WorkbenchError("computing entry {} failed: {}".format(req.key, "; ".join(errors + [final] if final else errors)))

@@ -10,6 +10,7 @@ bytes). Because the tensor is one contiguous block the whole file can be memory-
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -40,19 +41,21 @@ def itemsize(name: str) -> int:
     return torch.empty((), dtype=DTYPES[name][0]).element_size()
 
 
-def create_tensor_file(path: Path, tensor_name: str, dtype: str, shape: list[int], metadata: dict | None = None) -> int:
-    """Create ``path`` as a safetensors file of one zero-filled (sparse) tensor; return the data offset."""
+def create_tensor_file(path: Path, tensor_name: str, dtype: str, shape: list[int],
+                       metadata: dict | None = None) -> tuple[int, str]:
+    """Create ``path`` as a safetensors file of one zero-filled (sparse) tensor; return the data offset and the
+    sha256 of the header (the bytes before the data)."""
     nbytes = int(np.prod(shape)) * itemsize(dtype)
     header = {tensor_name: {"dtype": DTYPES[dtype][1], "shape": list(shape), "data_offsets": [0, nbytes]}}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * ((-(8 + len(raw))) % _ALIGN)  # the safetensors spec allows trailing spaces
+    head = len(raw).to_bytes(8, "little") + raw
     with open(path, "wb") as fh:
-        fh.write(len(raw).to_bytes(8, "little"))
-        fh.write(raw)
-        fh.truncate(8 + len(raw) + nbytes)
-    return 8 + len(raw)
+        fh.write(head)
+        fh.truncate(len(head) + nbytes)
+    return len(head), sha256(head)
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -106,6 +109,23 @@ def memmap_tensor(path: Path, offset: int, dtype: str, shape: list[int]) -> torc
     return t.view(torch_dtype) if torch_dtype == torch.bfloat16 else t
 
 
+def hash_stream(fh, offset: int, nbytes: int, path, chunk: int = 1 << 22) -> str:
+    """sha256 of ``nbytes`` bytes at ``offset`` of the open binary file ``fh``, read in ``chunk``-byte pieces into
+    one reused buffer (memory stays flat whatever the size)."""
+    h = hashlib.sha256()
+    buf = bytearray(max(1, min(chunk, nbytes)))
+    view = memoryview(buf)
+    fh.seek(offset)
+    left = nbytes
+    while left:
+        n = fh.readinto(view[:min(left, len(buf))])
+        if not n:
+            raise WorkbenchError(f"{path} is truncated: expected {nbytes} bytes at offset {offset}, got {nbytes - left}")
+        h.update(view[:n])
+        left -= n
+    return h.hexdigest()
+
+
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -129,13 +149,33 @@ def fsync_path(path: Path) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``path`` via a temporary sibling, fsync and ``os.replace``: readers see old or new, never half."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a signal...: no half-written temporary left behind
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     fsync_path(path.parent)
 
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+
+
+#: errno values of a full disk or an exhausted quota
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) is an OSError of a full disk or quota."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            return True
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    return False

@@ -49,6 +49,19 @@ class Request:
             return list(self.hook_names)
         return [h for h in self.hook_names if h not in manifest["hooks"]]
 
+    def disagreement(self, manifest: dict) -> str | None:
+        """How the manifest of this request's entry (same key) contradicts the request -- its model fingerprint,
+        positions, dtype, number of prompts or padded length -- or ``None``. The key is a hash of these, so any
+        difference means the manifest was edited (older manifests carry no checksum of their own)."""
+        want = {"model fingerprint": (manifest["model"].get("fingerprint"), self.fingerprint),
+                "positions": (manifest["positions"], self.positions), "dtype": (manifest["dtype"], self.dtype),
+                "n_prompts": (manifest["n_prompts"], self.n_prompts),
+                "seq_len": (manifest.get("seq_len", int(self.batch.input_ids.shape[1])), int(self.batch.input_ids.shape[1]))}
+        for what, (got, expected) in want.items():
+            if got != expected:
+                return f"has {what} {got!r:.60}, but the request that hashes to this key has {expected!r:.60}"
+        return None
+
 
 def normalise_prompts(prompts) -> tuple[list[str], list[dict] | None]:
     """``(prompts, per-prompt metadata or None)`` from strings, dicts with a ``"prompt"`` field, or a DataFrame."""

@@ -6,7 +6,11 @@ safetensors file per missing hook; it returns the plan, the ``(shard, hooks)`` p
 :meth:`WorkDir.run` (every rank) computes its shards and writes them in place, logging each shard's sha256 to
 ``progress.r<rank>.jsonl``; :meth:`WorkDir.done` reads those logs back (a killed run resumes from the shards
 whose checksum still matches). :meth:`WorkDir.finalize` moves the finished hook files into the entry and writes
-the manifest atomically.
+the manifest atomically. A full disk anywhere on the way (:meth:`WorkDir.disk_full`) removes the work directory
+and is one clear error.
+
+:func:`stored` is what a writer sees of an entry before computing (its manifest and what is damaged in it),
+:func:`repair` puts a damaged entry out of the way so that it is recomputed.
 """
 
 from __future__ import annotations
@@ -23,12 +27,14 @@ import torch
 
 from ..batching import OOMBackoff
 from ..errors import WorkbenchError
+from ..fallbacks import warn_fallback
 from ..models import model_device
 from ..progress import progress
 from ..provenance import versions
 from . import fileio
 from .capture import Computed, ShardCapture, StopForward, model_lock, split_forward
-from .core import FORMAT_VERSION, ActivationStore, _hook_file_problem, _row_bytes
+from .core import FORMAT_VERSION, ActivationStore, Entry, _entry_debris, _remove_tree, write_manifest_file
+from .integrity import DamagedEntry, hook_row_bytes as _row_bytes, size_problem
 from .request import Request
 from .spec import split_name
 
@@ -49,7 +55,11 @@ class WorkDir:
 
     # -- state ----------------------------------------------------------------------------------------
     def load(self) -> None:
-        self.state = json.loads((self.dir / "work.json").read_text())
+        try:
+            self.state = json.loads((self.dir / "work.json").read_bytes().decode("utf-8"))
+        except (OSError, ValueError) as exc:
+            raise WorkbenchError(f"the work state {self.dir / 'work.json'} of entry {self.req.key} is unreadable "
+                                 f"({exc}); remove it with `workbench cache gc` and compute again") from None
 
     def _save(self) -> None:
         fileio.atomic_write_json(self.dir / "work.json", self.state)
@@ -76,10 +86,11 @@ class WorkDir:
         state = None
         if (self.dir / "work.json").exists():
             try:
-                state = json.loads((self.dir / "work.json").read_text())
-                if state.get("key") != req.key or state.get("format_version") != FORMAT_VERSION:
+                state = json.loads((self.dir / "work.json").read_bytes().decode("utf-8"))
+                if not isinstance(state, dict) or state.get("key") != req.key \
+                        or state.get("format_version") != FORMAT_VERSION:
                     state = None
-            except (OSError, json.JSONDecodeError):
+            except (OSError, ValueError):  # unreadable, not UTF-8, not JSON: start afresh
                 state = None
         if state is None:
             for f in self.dir.glob("progress.*.jsonl"):
@@ -95,12 +106,12 @@ class WorkDir:
             self._stage_base()
         for name in missing:
             rec = state["hooks"].get(name)
-            if rec is not None and _hook_file_problem(self.dir / rec["file"], rec) is None \
+            if rec is not None and size_problem(self.dir / rec["file"], rec) is None \
                     and rec["shape"][1:] == shapes[name]:
                 continue
             rec = {"file": f"hooks/{name}.safetensors", "dtype": req.dtype, "shape": [req.n_prompts, *shapes[name]],
                    "epoch": uuid.uuid4().hex[:12], "batch_size": self.batch_size}
-            rec["data_offset"] = fileio.create_tensor_file(
+            rec["data_offset"], rec["header_sha256"] = fileio.create_tensor_file(
                 self.dir / rec["file"], name, req.dtype, rec["shape"],
                 {"key": req.key, "hook": name, "positions": json.dumps(req.positions)},
             )
@@ -152,14 +163,15 @@ class WorkDir:
 
     def _stage_base(self) -> None:
         """tokens.safetensors and prompts.jsonl of a new entry, in ``.work/<key>/base/``."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         req, base = self.req, self.dir / "base"
         base.mkdir(parents=True, exist_ok=True)
         tokens = base / "tokens.safetensors"
-        save_file({"input_ids": req.batch.input_ids.to(torch.int64).contiguous().cpu(),
-                   "attention_mask": req.batch.attention_mask.to(torch.int64).contiguous().cpu()},
-                  str(tokens), metadata={"key": req.key})
+        # serialised here and written by Python, so that a full disk is an OSError like every other write
+        fileio.atomic_write_bytes(tokens, save({"input_ids": req.batch.input_ids.to(torch.int64).contiguous().cpu(),
+                                                "attention_mask": req.batch.attention_mask.to(torch.int64).contiguous().cpu()},
+                                               metadata={"key": req.key}))
         lengths = req.batch.lengths.tolist()
         lines = []
         for i, (p, t) in enumerate(zip(req.prompts, req.batch.texts)):
@@ -177,15 +189,15 @@ class WorkDir:
         """Completed ``(hook, shard)`` records from every rank's progress log (checksums re-checked if ``verify``)."""
         out: dict[tuple[str, int], dict] = {}
         for logf in sorted(self.dir.glob("progress.*.jsonl")):
-            with open(logf, encoding="utf-8") as fh:
+            with open(logf, encoding="utf-8", errors="replace") as fh:
                 for line in fh:
                     try:
                         r = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line cut by a crash
-                    rec = self.state["hooks"].get(r.get("hook"))
-                    if rec is None or r.get("epoch") != rec["epoch"] or tuple(r["rows"]) != self.rows(r["shard"]):
-                        continue
+                        rec = self.state["hooks"].get(r.get("hook"))
+                        if rec is None or r.get("epoch") != rec["epoch"] or tuple(r["rows"]) != self.rows(r["shard"]):
+                            continue
+                    except (ValueError, KeyError, TypeError, AttributeError):
+                        continue  # a line cut (or garbled) by a crash: that shard is computed again
                     out[(r["hook"], r["shard"])] = r
         if verify:
             for (h, i), r in list(out.items()):
@@ -277,6 +289,8 @@ class WorkDir:
             hooks[h] = {"file": rec["file"], "dtype": rec["dtype"], "shape": rec["shape"],
                         "data_offset": rec["data_offset"], "batch_size": rec.get("batch_size", self.batch_size),
                         "created": _now(), "shards": shards}
+            if "header_sha256" in rec:  # absent from work directories of an older workbench
+                hooks[h]["header_sha256"] = rec["header_sha256"]
         entry = store.entry_path(req.key)
         manifest = store.read_manifest(req.key)
         if manifest is None:
@@ -285,11 +299,9 @@ class WorkDir:
             for h in names:
                 os.replace(self.hook_file(h), base / hooks[h]["file"])
             manifest = self._new_manifest(hooks)
-            fileio.atomic_write_json(base / "manifest.json", manifest)
-            if entry.exists():  # a directory without a manifest: debris of an earlier failure
-                trash = store.base / ".trash" / f"{req.key}-{uuid.uuid4().hex[:8]}"
-                os.rename(entry, trash)
-                shutil.rmtree(trash, ignore_errors=True)
+            write_manifest_file(base / "manifest.json", manifest)
+            # a directory without a manifest (debris of an earlier failure), or a damaged entry put aside
+            _remove_tree(store, entry, req.key)
             os.rename(base, entry)
             fileio.fsync_path(entry.parent)
         else:
@@ -331,3 +343,77 @@ class WorkDir:
             "workbench_version": __version__,
             "versions": versions(),
         }
+
+    # -- a full disk ------------------------------------------------------------------------------------------
+    def disk_full(self, missing: list[str], exc: OSError) -> WorkbenchError:
+        """After a full disk (``exc``) while computing ``missing`` (the caller holds the lock): remove this work
+        directory and the debris it left in the entry, and return the one error to raise."""
+        recs = [self.state.get("hooks", {}).get(h) for h in missing]
+        need = sum(r["shape"][0] * _row_bytes(r) for r in recs if r) / 2**20
+        _remove_tree(self.store, self.dir, self.req.key)
+        entry = self.store.entry_path(self.req.key)
+        if entry.is_dir() and (entry / "manifest.json").exists():
+            for path, _ in _entry_debris(self.store, entry):
+                path.unlink(missing_ok=True)
+        try:
+            free = f"{shutil.disk_usage(self.store.base).free / 2**20:.1f} MiB are free now"
+        except OSError:
+            free = "the free space is unknown"
+        where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
+        size = f"its {len(missing)} hook file(s) need {need:.1f} MiB" if need else f"its {len(missing)} hook file(s)"
+        return WorkbenchError(
+            f"no space left on device{where} (entry {self.req.key} in the store {str(self.store.root)!r}: {size}, "
+            f"{free}); the partial work was removed. Free some space (`workbench cache gc`, `workbench cache rm KEY`) "
+            "or point --root / WORKBENCH_CACHE to a larger disk"
+        )
+
+
+def stored(store: ActivationStore, req: Request) -> tuple[dict | None, DamagedEntry | None]:
+    """``(manifest, damage)`` of ``req``'s entry: the manifest (``None``: no entry, or an unusable one) and what is
+    damaged (``None``: nothing) among the manifest, its agreement with the request, the base files and the
+    requested hooks it holds. Files are checked once per process (:mod:`workbench.store.integrity`).
+
+    Raises:
+        WorkbenchError: a manifest of a newer format version (never overwritten), an unreadable manifest.
+    """
+    try:
+        manifest = store.read_manifest(req.key)
+    except DamagedEntry as exc:
+        return None, exc
+    if manifest is None:
+        return None, None
+    path = store.entry_path(req.key)
+    problem = req.disagreement(manifest)
+    if problem:
+        return None, DamagedEntry(req.key, f"its manifest {problem}", path / "manifest.json")
+    held = [h for h in req.hook_names if h in manifest["hooks"]]
+    damaged: list[DamagedEntry] = []
+    try:
+        entry = Entry(store, req.key, manifest, [], req.meta)
+        entry.check_base_files()
+    except DamagedEntry as exc:
+        return None, exc
+    for h in held:
+        try:
+            entry.check_hook(h)
+        except DamagedEntry as exc:
+            damaged.append(exc)
+    if not damaged:
+        return manifest, None
+    return manifest, DamagedEntry(req.key, "; ".join(d.what for d in damaged), damaged[0].file,
+                                  hooks=[h for d in damaged for h in d.hooks])
+
+
+def repair(store: ActivationStore, req: Request, manifest: dict | None, damage: DamagedEntry) -> dict | None:
+    """Put ``damage`` out of the way (the caller holds the lock) and return the manifest to compute against: the
+    damaged hooks dropped from it (they are computed again and replace their files), or ``None`` after removing
+    the whole entry when its manifest or base files are damaged. Logged and reported as a ``store_recompute``
+    fallback."""
+    whole = manifest is None or damage.hooks is None
+    warn_fallback(log, "store_recompute", "entry %s is damaged (%s: %s); recomputing %s", req.key, damage.file,
+                  damage.what, "it" if whole else ", ".join(damage.hooks))
+    if whole:
+        store.discard(req.key)
+        return None
+    manifest = dict(manifest, hooks={h: r for h, r in manifest["hooks"].items() if h not in damage.hooks})
+    return manifest
