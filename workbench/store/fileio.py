@@ -28,6 +28,8 @@ DTYPES: dict[str, tuple[torch.dtype, str, type]] = {
     "bfloat16": (torch.bfloat16, "BF16", np.uint16),
 }
 _ALIGN = 64
+#: errno values of a full disk or an exhausted quota
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -140,8 +142,9 @@ def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories
-        pass
+    except OSError as exc:  # some filesystems refuse fsync on directories; a full disk is no such refusal
+        if exc.errno in DISK_FULL:
+            raise
     finally:
         os.close(fd)
 
@@ -166,10 +169,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
-
-
-#: errno values of a full disk or an exhausted quota
-DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def disk_full(exc: BaseException) -> bool:

@@ -187,9 +187,6 @@ def header_problem(path: Path, rec: dict, name: str, key: str) -> str | None:
         return f"unreadable ({exc.strerror or exc})"
     if len(head) != rec["data_offset"]:
         return f"the file is shorter ({len(head)} bytes) than its header ({rec['data_offset']} bytes)"
-    want_sha = rec.get("header_sha256")
-    if want_sha is not None and fileio.sha256(head) != want_sha:
-        return "the safetensors header fails its checksum"
     n = int.from_bytes(head[:8], "little")
     if 8 + n != rec["data_offset"]:
         return f"the safetensors header says {n} header bytes; the manifest expects {rec['data_offset'] - 8}"
@@ -202,9 +199,12 @@ def header_problem(path: Path, rec: dict, name: str, key: str) -> str | None:
     got = header.get(name) if isinstance(header, dict) else None
     if got != want:
         return f"the safetensors header describes {got!r:.120}, the manifest {want}"
-    meta = header.get("__metadata__") or {}
+    meta = header.get("__metadata__") if isinstance(header.get("__metadata__"), dict) else {}
     if meta.get("key", key) != key or meta.get("hook", name) != name:
         return f"the safetensors header belongs to entry {meta.get('key')!r} hook {meta.get('hook')!r}"
+    want_sha = rec.get("header_sha256")  # the rest of the header (metadata, padding), where the manifest has it
+    if want_sha is not None and fileio.sha256(head) != want_sha:
+        return "the safetensors header fails its checksum"
     return None
 
 

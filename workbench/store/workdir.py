@@ -360,7 +360,7 @@ class WorkDir:
         except OSError:
             free = "the free space is unknown"
         where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
-        size = f"its {len(missing)} hook file(s) need {need:.1f} MiB" if need else f"its {len(missing)} hook file(s)"
+        size = f"its {len(missing)} hook file(s) need {need:.2f} MiB" if need else f"its {len(missing)} hook file(s)"
         return WorkbenchError(
             f"no space left on device{where} (entry {self.req.key} in the store {str(self.store.root)!r}: {size}, "
             f"{free}); the partial work was removed. Free some space (`workbench cache gc`, `workbench cache rm KEY`) "
