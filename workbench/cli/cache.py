@@ -46,7 +46,8 @@ def cmd_verify(a: argparse.Namespace) -> dict:
     store = _store(a)
     bad = store.verify(a.key, show_progress=not a.quiet)  # raises on a missing store: nothing checked is no success
     n = len(store.entry_dirs()) if a.key is None else 1
-    unsealed = store.unsealed() if a.key is None else [k for k in store.unsealed() if k == store.resolve_key(a.key)]
+    keys = None if a.key is None else {store.resolve_key(a.key)}
+    unsealed = [k for k in store.unsealed() if keys is None or k in keys]
     result = {"root": str(store.root), "entries_checked": n, "n_problems": len(bad), "problems": _records(bad),
               "no_manifest_checksum": unsealed}
     if len(bad):

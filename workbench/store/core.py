@@ -298,7 +298,9 @@ class ActivationStore:
         def take(path: Path, kind: str, key: str | None = None) -> None:
             size = round(_dir_size(path) / 2**20, 3) if path.is_dir() else round(_file_size(path) / 2**20, 3)
             if not dry_run:
-                if path.is_dir():
+                if kind == "trash":  # already out of the way (maybe being deleted by the rm that put it there)
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                elif path.is_dir():
                     _remove_tree(self, path, key or path.name)
                 else:
                     path.unlink(missing_ok=True)
@@ -474,7 +476,8 @@ def _verify_entry(store: ActivationStore, key: str) -> list[dict]:
     if m is None:
         add(None, None, None, str(root / "manifest.json"), "missing manifest")
         return bad
-    for name, rec in m["files"].items():
+    for name in ("tokens", "prompts"):
+        rec = m["files"][name]
         path = root / rec["path"]
         if not path.exists():
             add(None, None, None, str(path), f"missing {name} file")
@@ -608,10 +611,10 @@ class Entry:
             rows = [json.loads(line) for line in path.read_bytes().decode("utf-8").splitlines() if line.strip()]
         except ValueError as exc:  # not UTF-8, or a line that is not JSON
             raise DamagedEntry(self.key, f"its prompts file is not UTF-8 JSON lines ({exc})", path) from None
-        if len(rows) != self.n_prompts or not all(isinstance(r, dict) and {"prompt", "text", "n_tokens"} <= set(r)
-                                                  for r in rows):
+        fields = {"index", "prompt", "text", "n_tokens"}
+        if len(rows) != self.n_prompts or not all(isinstance(r, dict) and fields <= set(r) for r in rows):
             raise DamagedEntry(self.key, f"its prompts file has {len(rows)} rows; expected {self.n_prompts} objects "
-                                         "with prompt, text and n_tokens", path)
+                                         "with index, prompt, text and n_tokens", path)
         return rows
 
     @property
