@@ -305,6 +305,54 @@ def test_artifact_bad_files(tmp_path, tiny_model):
         wd.Direction(torch.randn(3, 4, 64), 1, -1, "x", "fp", 64)
 
 
+def test_artifact_files_are_tied_together_and_damage_is_one_error(tmp_path, tiny_model, caplog):
+    """A JSON beside another direction's safetensors, damaged files and a missing model: each one clear outcome."""
+    import logging
+    import pickle
+    import shutil
+
+    a = wd.Direction.from_vector(tiny_model, torch.randn(64), 1, -1, "diff_in_means")
+    b = wd.Direction.from_vector(tiny_model, torch.randn(64), 1, -1, "diff_in_means")
+    a.save(tmp_path / "a")
+    b.save(tmp_path / "b")
+    assert json.loads((tmp_path / "a.json").read_text())["vector_sha256"] == wd.artifact.vector_sha256(a.vector)
+    shutil.copy(tmp_path / "b.safetensors", tmp_path / "a.safetensors")      # same shape, same model, other vector
+    with pytest.raises(WorkbenchError, match="do not belong together"):
+        wd.Direction.load(tmp_path / "a", model=tiny_model)
+    b.save(tmp_path / "t")
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[: len(data) // 2])           # truncated
+    with pytest.raises(WorkbenchError, match="not a readable safetensors file"):
+        wd.Direction.load(tmp_path / "t", model=tiny_model)
+    (tmp_path / "t.safetensors").write_bytes(pickle.dumps({"vector": [0.0] * 64}))   # a pickle named like one
+    with pytest.raises(WorkbenchError, match="not a readable safetensors file"):
+        wd.Direction.load(tmp_path / "t", model=tiny_model)
+    b.save(tmp_path / "j")
+    (tmp_path / "j.json").write_text("[1, 2]")
+    with pytest.raises(WorkbenchError, match="not a direction artifact"):
+        wd.Direction.load(tmp_path / "j")
+    (tmp_path / "j.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(WorkbenchError, match="not UTF-8"):
+        wd.Direction.load(tmp_path / "j")
+    info = b.to_json()
+    del info["layer"]
+    (tmp_path / "j.json").write_text(json.dumps(info))
+    with pytest.raises(WorkbenchError, match=r"lacks the field\(s\) \['layer'\]"):
+        wd.Direction.load(tmp_path / "j")
+    info = b.to_json()
+    del info["vector_sha256"]                                                   # written by an older workbench
+    (tmp_path / "j.json").write_text(json.dumps(info))
+    with caplog.at_level(logging.WARNING, logger="workbench"):
+        old = wd.Direction.load(tmp_path / "j", model=tiny_model)
+        assert torch.equal(old.vector, b.vector) and "no vector_sha256" in caplog.text
+        caplog.clear()
+        wd.Direction.load(tmp_path / "b")
+        assert "loaded without a model" in caplog.text
+        caplog.clear()
+        wd.Direction.load(tmp_path / "b", model=tiny_model)
+        assert "without a model" not in caplog.text
+
+
 # ------------------------------------------------------------------------------------------- bad inputs
 def test_bad_inputs_are_clear_errors(tiny_model):
     n = tiny_model.cfg.n_layers

@@ -13,7 +13,9 @@ intervention and steering method takes its vector from it.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,14 @@ from ..provenance import versions
 
 FORMAT_VERSION = 1
 KIND = "workbench.direction"
+log = logging.getLogger(__name__)
+
+
+def vector_sha256(vector: Tensor) -> str:
+    """sha256 of a vector as saved (float32, C order, little-endian) and its shape: ties ``direction.json`` to the
+    ``direction.safetensors`` written with it."""
+    t = vector.detach().float().contiguous().cpu()
+    return hashlib.sha256(str(tuple(t.shape)).encode() + t.numpy().astype("<f4").tobytes()).hexdigest()
 
 
 def _paths(path: str | Path) -> tuple[Path, Path]:
@@ -143,7 +153,8 @@ class Direction:
             if fp != self.fingerprint:
                 raise WorkbenchError(
                     f"direction was found on model fingerprint {self.fingerprint!r}, but this model's fingerprint is "
-                    f"{fp!r}; pass check_fingerprint=False (or strict=False) to use it on another model anyway"
+                    f"{fp!r}; to use it on another model anyway, load it with Direction.load(path, model, strict=False) "
+                    "(or check_model(model, check_fingerprint=False))"
                 )
 
     # -------------------------------------------------------------------------------------- io
@@ -158,6 +169,7 @@ class Direction:
             "fingerprint": self.fingerprint,
             "d_model": self.d_model,
             "shape": list(self.vector.shape),
+            "vector_sha256": vector_sha256(self.vector),
             "scores": _jsonable(self.scores),
             "meta": _jsonable(self.meta),
             "versions": dict(self.versions) if self.versions is not None else versions(),
@@ -176,7 +188,12 @@ class Direction:
 
     @classmethod
     def load(cls, path: str | Path, model=None, strict: bool = True) -> "Direction":
-        """Read a saved direction; with ``model``, check it belongs to it (fingerprint only if ``strict``)."""
+        """Read a saved direction; with ``model``, check it belongs to it (fingerprint only if ``strict``).
+
+        The JSON's ``vector_sha256`` must match the safetensors file beside it (files written before the hash was
+        recorded load with a warning). Without ``model`` nothing ties the direction to a model: a warning says so.
+        Every damaged or foreign file is one :class:`WorkbenchError` naming it."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         st, js = _paths(path)
@@ -184,22 +201,43 @@ class Direction:
             if not p.exists():
                 raise WorkbenchError(f"direction file {str(p)!r} does not exist")
         try:
-            info = json.loads(js.read_text())
+            info = json.loads(js.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise WorkbenchError(f"{str(js)!r} is not valid JSON: {exc.msg}") from exc
-        if info.get("kind") != KIND:
-            raise WorkbenchError(f"{str(js)!r} is not a direction artifact (kind={info.get('kind')!r})")
+        except UnicodeDecodeError as exc:
+            raise WorkbenchError(f"{str(js)!r} is not a direction artifact (not UTF-8 text: {exc.reason})") from exc
+        if not isinstance(info, dict) or info.get("kind") != KIND:
+            kind = info.get("kind") if isinstance(info, dict) else type(info).__name__
+            raise WorkbenchError(f"{str(js)!r} is not a direction artifact (kind={kind!r})")
         if info.get("format_version") != FORMAT_VERSION:
             raise WorkbenchError(
                 f"{str(js)!r} has format version {info.get('format_version')!r}; this workbench reads {FORMAT_VERSION}"
             )
-        tensors = load_file(str(st))
+        missing = [k for k in ("layer", "position", "method", "fingerprint", "d_model") if k not in info]
+        if missing:
+            raise WorkbenchError(f"{str(js)!r} lacks the field(s) {missing} of a direction artifact")
+        try:
+            tensors = load_file(str(st))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise WorkbenchError(f"{str(st)!r} is not a readable safetensors file ({type(exc).__name__}: {exc}); "
+                                 "re-save the direction") from exc
         if "vector" not in tensors:
             raise WorkbenchError(f"{str(st)!r} has no 'vector' tensor")
+        recorded = info.get("vector_sha256")
+        if recorded is None:
+            log.warning("direction %s has no vector_sha256 (written by an older workbench): its JSON and "
+                        "safetensors files cannot be checked against each other", js)
+        elif recorded != vector_sha256(tensors["vector"]):
+            raise WorkbenchError(
+                f"{str(js)!r} and {str(st)!r} do not belong together: the vector's sha256 differs from the one "
+                "recorded with it (one of the two files was replaced or damaged); re-save the direction")
         d = cls(tensors["vector"], info["layer"], info["position"], info["method"], info["fingerprint"],
                 int(info["d_model"]), info.get("scores", {}), info.get("meta", {}), info.get("versions"))
         if model is not None:
             d.check_model(model, check_fingerprint=strict)
+        else:
+            log.warning("direction %s loaded without a model: nothing checks that it belongs to the model it will "
+                        "be used on (pass model= to check)", js)
         return d
 
 
