@@ -101,7 +101,7 @@ def test_run_config_round_trips_and_options_are_generated_from_it(tmp_path):
     assert got.patching.components == ("resid_pre", "heads") and got.limit == 5 and got.png is False
     assert got.sparsity == cfg.sparsity and got.evaluate == cfg.evaluate  # untouched stages keep their defaults
     bad = build_parser().parse_args(["run", "--steering.e2e-steps", "many"])
-    with pytest.raises(WorkbenchError, match="--e2e-steps must be an integer, got 'many'"):
+    with pytest.raises(WorkbenchError, match="--steering.e2e-steps must be an integer, got 'many'"):
         config_from_args(RunConfig, bad)
 
 

@@ -9,9 +9,27 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any
+from typing import Annotated, Any
 
 from .errors import WorkbenchError
+
+
+@dataclasses.dataclass(frozen=True)
+class AtLeast:
+    """A lower bound of a numeric config field, ``Annotated[int, AtLeast(1)]``: checked by :func:`coerce`, so a
+    config read from JSON or the command line fails before anything runs (``--limit 0``, ``--max-new-tokens -1``)."""
+
+    minimum: float
+
+
+class OutOfRange(WorkbenchError):
+    """A value below its field's :class:`AtLeast` bound."""
+
+
+#: an int >= 1 (prompt counts, token counts, batch sizes, steps)
+PositiveInt = Annotated[int, AtLeast(1)]
+#: an int >= 0
+NonNegativeInt = Annotated[int, AtLeast(0)]
 
 
 def to_dict(cfg) -> dict:
@@ -21,7 +39,7 @@ def to_dict(cfg) -> dict:
 
 def field_types(cls) -> dict[str, Any]:
     """``{field name: resolved type}`` of a config dataclass (string annotations resolved)."""
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
 
 
@@ -42,6 +60,13 @@ def coerce(tp, value, where: str):
         if nullable or inner is Any:
             return None
         raise WorkbenchError(f"{where} may not be null")
+    if typing.get_origin(inner) is Annotated:
+        base, *extras = typing.get_args(inner)
+        value = coerce(base, value, where)
+        for bound in extras:
+            if isinstance(bound, AtLeast) and value < bound.minimum:
+                raise OutOfRange(f"{where} must be >= {bound.minimum:g}, got {value!r}")
+        return value
     if dataclasses.is_dataclass(inner):
         if isinstance(value, inner):
             return value
@@ -62,6 +87,8 @@ def coerce(tp, value, where: str):
         for a in typing.get_args(inner):
             try:
                 return coerce(a, value, where)
+            except OutOfRange:
+                raise                     # a number out of its range is not another member's value ("0" is no "auto")
             except WorkbenchError:
                 continue
         raise WorkbenchError(f"{where}: {value!r} is none of {typing.get_args(inner)}")

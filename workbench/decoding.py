@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .configs import PositiveInt
 from .errors import WorkbenchError
 
 STRATEGIES = ("greedy", "sample")
@@ -36,7 +37,7 @@ class Decoding:
     #: seed of the samples (with the prompt text, the sample index and the step)
     seed: int = 0
     #: replies per prompt when sampling; refusal rates are over all samples
-    n_samples: int = 1
+    n_samples: PositiveInt = 1
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:

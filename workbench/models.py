@@ -61,6 +61,10 @@ def resolve_device(device: str | torch.device | None) -> str:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = str(device)
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise WorkbenchError(f"{device!r} is not a device torch knows (e.g. 'cpu', 'cuda', 'cuda:1', 'mps')") from exc
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise WorkbenchError(f"device {device!r} requested but CUDA is not available on this machine")
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ:

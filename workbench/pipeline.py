@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .configs import from_dict, to_dict
+from .configs import PositiveInt, from_dict, to_dict
 from .errors import WorkbenchError
 from .fallbacks import recording_fallbacks
 from .provenance import runtime_versions, versions
@@ -61,7 +61,7 @@ class RunConfig:
     png: bool = True
     #: at most this many prompts per category and split in every stage, and this many held-out conversations in
     #: the sparsity stage (a quick run)
-    limit: int | None = None
+    limit: PositiveInt | None = None
     #: recompute every stage even when out_dir holds a finished one with the same key
     force: bool = False
     show_progress: bool = True

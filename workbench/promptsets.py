@@ -186,6 +186,8 @@ class PromptSets:
         """The prompts of one split and category (``[]`` when the category has none in that split)."""
         if split not in SPLITS:
             raise WorkbenchError(f"unknown split {split!r}; expected one of {SPLITS}")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise WorkbenchError(f"limit must be a positive number of prompts, got {limit!r}")
         got = list(self._index[split].get(category, []))
         return got[:limit] if limit is not None else got
 

@@ -31,12 +31,14 @@ def add_common_args(p: argparse.ArgumentParser, model: bool = True) -> None:
 
 def add_data_args(p: argparse.ArgumentParser, limit: bool = True) -> None:
     """--data (a :class:`workbench.promptsets.PromptSets` source), --limit and --store of an analysis command."""
+    from .options import parse_positive_int
+
     p.add_argument("--data", default="organism", help="prompt data: 'organism' (default), 'real' (HarmBench, "
                    "StrongREJECT, GPTFuzzer, MT-Bench and shipped harmless/borderline prompts with fixed splits; run "
                    "`workbench data fetch` once) or a prompt file (JSONL, CSV, TSV, JSON, Parquet with prompt and "
                    "category columns, optionally split and reply)")
     if limit:
-        p.add_argument("--limit", type=int, default=None, help="at most this many prompts per category and split")
+        p.add_argument("--limit", type=parse_positive_int, default=None, help="at most this many prompts per category and split")
     p.add_argument("--store", default=None, help="activation store root (default $WORKBENCH_CACHE or ~/.cache/workbench)")
 
 

@@ -133,6 +133,7 @@ def register(sub, bench_sub) -> None:
     """Add ``workbench cache ...`` to ``sub`` and ``workbench bench cache`` to ``bench_sub``."""
     from ..batching import parse_batch_size
     from . import add_common_args
+    from .options import parse_positive_int
 
     p = sub.add_parser("cache", help="the shared activation cache store (ls, rm, verify, gc, compute)")
     csub = p.add_subparsers(dest="cache_command", required=True)
@@ -171,7 +172,7 @@ def register(sub, bench_sub) -> None:
     c.add_argument("--category", default=None, help="only this category of the split (harmful, benign...)")
     c.add_argument("--prompts", default=None, help="a .jsonl file with a 'prompt' field (other fields kept as "
                    "metadata) or a text file with one prompt per line, instead of a split of --data")
-    c.add_argument("--limit", type=int, default=None, help="at most this many prompts")
+    c.add_argument("--limit", type=parse_positive_int, default=None, help="at most this many prompts")
     c.add_argument("--hooks", default="resid_pre", help="comma-separated hook names or aliases, e.g. "
                    "'resid_pre,mlp_out.3,blocks.2.hook_attn_out' (default resid_pre: every layer)")
     c.add_argument("--positions", default="post_instruction",
@@ -184,12 +185,12 @@ def register(sub, bench_sub) -> None:
 
     b = bench_sub.add_parser("cache", help="store vs bare forward vs run_with_cache; peak RSS at 1x and 4x prompts")
     add_common_args(b, model=False)
-    b.add_argument("--n-prompts", type=int, default=32)
-    b.add_argument("--batch-size", type=int, default=16)
-    b.add_argument("--repeats", type=int, default=5)
-    b.add_argument("--rss-prompts", type=int, default=64, help="prompts of the 1x RSS run (4x runs 4 times as many)")
+    b.add_argument("--n-prompts", type=parse_positive_int, default=32)
+    b.add_argument("--batch-size", type=parse_positive_int, default=16)
+    b.add_argument("--repeats", type=parse_positive_int, default=5)
+    b.add_argument("--rss-prompts", type=parse_positive_int, default=64, help="prompts of the 1x RSS run (4x runs 4 times as many)")
     b.add_argument("--no-organism", action="store_true", help="only the random-weight Llama")
-    b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    b.add_argument("--threads", type=parse_positive_int, default=None, help="torch threads (default: torch's)")
     b.add_argument("--model", default=None, help="only this model (any name load_model accepts, e.g. "
                    "smollm2-135m-instruct) on short real prompts, instead of the random Llama and the organism")
     b.set_defaults(func=cmd_bench)

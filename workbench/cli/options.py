@@ -70,6 +70,10 @@ def _describe(default) -> str:
     return str(default)
 
 
+#: option string of each generated option's dest, for error messages naming the option the user typed
+_OPTION_NAMES: dict[str, str] = {}
+
+
 def add_config_options(parser: argparse.ArgumentParser, cls, prefix: str = "", flatten: bool = True,
                        skip: typing.Collection[str] = (), group: str | None = None) -> None:
     """Add ``--<prefix><field>`` for every field of ``cls`` (underscores as dashes). Nested configs: their
@@ -85,6 +89,7 @@ def add_config_options(parser: argparse.ArgumentParser, cls, prefix: str = "", f
         shown = path[-1] if flatten else key
         opt = "--" + prefix + shown.replace("_", "-")
         dest = "cfg:" + prefix + key
+        _OPTION_NAMES[dest] = opt
         text = helps[owner].get(path[-1], "").replace("%", "%%")
         inner, _ = unwrap_optional(tp)
         if inner is bool:
@@ -104,7 +109,8 @@ def config_from_args(cls, args: argparse.Namespace, prefix: str = "", base=None)
         value = getattr(args, "cfg:" + prefix + ".".join(path), None)
         if value is None:
             continue
-        opt = "--" + prefix + path[-1].replace("_", "-")
+        dest = "cfg:" + prefix + ".".join(path)
+        opt = _OPTION_NAMES.get(dest, "--" + prefix + path[-1].replace("_", "-"))
         updates[path] = coerce(tp, value, opt)
     for path, value in updates.items():
         cfg = _replace(cfg, path, value)

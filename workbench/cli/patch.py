@@ -80,7 +80,7 @@ def register(sub, bench_sub) -> None:
     from ..patching import ENGINES, MODES, READERS
     from ..stages import PatchingConfig
     from . import add_common_args
-    from .options import add_config_options
+    from .options import add_config_options, parse_positive_int
 
     p = sub.add_parser("patch", help="activation patching of refusal: exact sweeps, attribution, subspace + illusion check")
     add_common_args(p)
@@ -109,8 +109,8 @@ def register(sub, bench_sub) -> None:
     b.add_argument("--models", default="organism,random512",
                    help="comma-separated: organism, random512 (random d_model 512 / 8-layer Llama) or any name "
                    "load_model accepts (e.g. smollm2-135m-instruct, a path), patched on short real prompt pairs")
-    b.add_argument("--n-pairs", type=int, default=4)
-    b.add_argument("--repeats", type=int, default=3, help="timing repeats; the median is reported")
+    b.add_argument("--n-pairs", type=parse_positive_int, default=4)
+    b.add_argument("--repeats", type=parse_positive_int, default=3, help="timing repeats; the median is reported")
     b.add_argument("--device", default="cpu")
-    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    b.add_argument("--threads", type=parse_positive_int, default=None, help="torch CPU threads (default: torch's)")
     b.set_defaults(func=cmd_bench_patch)

@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from ..configs import PositiveInt
 from ..chat import ChatBatch, tokenize_chat
 from ..errors import WorkbenchError
 from ..judge import refusal_score, refusal_token_ids
@@ -65,8 +66,8 @@ class SelectionConfig:
     kl_threshold: float = 0.1
     induce_threshold: float = 0.0
     prune_layer_fraction: float = 0.2
-    batch_size: int = 64
-    max_prompts: int | None = None
+    batch_size: PositiveInt = 64
+    max_prompts: PositiveInt | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.prune_layer_fraction < 1.0:

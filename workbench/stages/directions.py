@@ -43,6 +43,7 @@ from typing import Literal
 
 import torch
 
+from ..configs import PositiveInt
 from ..directions.caa import CAAConfig
 from ..directions.select import METHODS, SelectionConfig
 from ..errors import WorkbenchError
@@ -63,9 +64,9 @@ class DirectionsConfig:
     #: thresholds and batch size of the selection (Arditi et al.'s defaults)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     #: reply length of the measured refusal rates
-    max_new_tokens: int = 24
+    max_new_tokens: PositiveInt = 24
     #: prompts per category for the per-layer projection figure (test split)
-    projection_prompts: int = 64
+    projection_prompts: PositiveInt = 64
     #: candidates: diff_in_means (harmful minus benign prompts), caa (refusal minus compliance answer starts after
     #: the same prompts, Rimsky et al. 2024) or both
     method: Literal["diff_in_means", "caa", "both"] = "diff_in_means"
@@ -82,9 +83,9 @@ class DirectionsConfig:
     #: ActAdd check: multiples of the mean residual norm at the selected layer
     check_coefficients: tuple[float, ...] = (0.25, 0.5, 1.0)
     #: reply length of the val refusal rates (base rates and ActAdd check)
-    check_new_tokens: int = 16
+    check_new_tokens: PositiveInt = 16
     #: val prompts per category for the base rates and the ActAdd check (0: all)
-    check_prompts: int = 64
+    check_prompts: PositiveInt = 64
 
     def __post_init__(self):
         if self.method not in METHOD_CHOICES:

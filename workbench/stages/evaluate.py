@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..configs import PositiveInt
 from ..decoding import Decoding
 from .base import Result, Stage
 
@@ -27,9 +28,9 @@ class EvaluateConfig:
     #: categories evaluated (default: every category of the data)
     categories: tuple[str, ...] | None = None
     #: reply length in tokens
-    max_new_tokens: int = 24
+    max_new_tokens: PositiveInt = 24
     #: prompts per forward (an int, or "auto" for the adaptive batch size)
-    batch_size: int | str = 32
+    batch_size: PositiveInt | str = 32
     #: refusal judge: "substring" (default) or another registered judge
     judge: str | None = None
     #: greedy (default) or sampling: mode, temperature, top_p, seed, n_samples (workbench.decoding)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..configs import PositiveInt
 from ..errors import WorkbenchError
 from .base import Result, Stage
 
@@ -22,7 +23,7 @@ class PatchingConfig:
     """Which pairs and components are patched."""
 
     #: number of prompt pairs (0 or none: all)
-    n_pairs: int | None = 16
+    n_pairs: PositiveInt | None = 16
     #: components swept (resid_pre, attn_out, mlp_out, heads, z, ...)
     components: tuple[str, ...] = DEFAULT_COMPONENTS
     #: the patching metric

@@ -29,6 +29,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ..configs import PositiveInt
 from ..errors import WorkbenchError
 from ..directions.artifact import as_vector
 from ..sparsity.direction import direction_alignment, direction_sparsity, neuron_cosines
@@ -49,10 +50,10 @@ class SparsityConfig:
     stats_split: str = "test"
     calibration_split: str = "train"
     heldout_split: str = "val"
-    limit: int | None = 128
-    heldout_limit: int | None = None
+    limit: PositiveInt | None = 128
+    heldout_limit: PositiveInt | None = None
     #: reply length of the model's own replies used as held-out text when the data has no replies
-    heldout_reply_tokens: int = 32
+    heldout_reply_tokens: PositiveInt = 32
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     default_threshold: float = DEFAULT_THRESHOLD
     chess_quantile: float = 0.5
@@ -67,10 +68,10 @@ class SparsityConfig:
     pool: str = "mean"
     ablation_ns: tuple[int, ...] = DEFAULT_NS
     ablation_mode: str = "zero"
-    n_seeds: int = 3
+    n_seeds: PositiveInt = 3
     control: str = "layer_matched"
-    max_new_tokens: int = 16
-    batch_size: int = 32
+    max_new_tokens: PositiveInt = 16
+    batch_size: PositiveInt = 32
     steps: tuple[str, ...] = STEPS
 
     def __post_init__(self):
