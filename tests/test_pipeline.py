@@ -33,7 +33,7 @@ def test_main_job_quick_run_writes_everything(quick_run):
     # the organism's refusal is planted: the base model refuses harmful prompts and answers benign ones
     assert saved["evaluate"]["refusal_rate"]["harmful"] >= 0.75
     assert saved["evaluate"]["refusal_rate"]["benign"] <= 0.25
-    assert set(saved["steering"]["methods"]) >= {"none", "actadd", "cast", "official_equivalent", "was_bce",
+    assert set(saved["steering"]["methods"]) >= {"none", "actadd", "cast", "official", "was_bce",
                                                  "was_e2e"}
     assert "ce_benign_delta" in saved["steering"]["methods"]["actadd"]
     pngs = sorted((out / "figures").glob("*.png"))
@@ -132,7 +132,7 @@ def test_controllers_saved_by_the_run_load_with_their_model(quick_run):
     root, _ = quick_run
     model = load_model()
     saved = sorted((root / "out" / "steering" / "controllers").iterdir())
-    assert {p.name for p in saved} >= {"official_equivalent", "was_bce", "was_e2e"}
+    assert {p.name for p in saved} >= {"official", "was_bce", "was_e2e"}
     for path in saved:
         ctrl, direction = load_controller(path, model=model)
         assert direction_fingerprint(direction) == ctrl.cfg.direction_fingerprint

@@ -85,7 +85,8 @@ def register(sub, bench_sub) -> None:
     t.add_argument("--objective", choices=["e2e", "bce"], default="e2e",
                    help="end-to-end through the frozen model (was_e2e) or the paper's BCE on s (was_bce)")
     t.set_defaults(func=_train)
-    e = csub.add_parser("eval", help="every method (none, actadd, cast, official_equivalent, was_bce, was_e2e) on test")
+    e = csub.add_parser("eval", help="every method (none, actadd, actadd_layer, cast, official, was_bce, "
+                         "was_e2e) on test; official: the official Guiding Giants code as it runs")
     _add_controller_args(e, "runs/latest/steering")
     e.set_defaults(func=_eval)
 

@@ -5,8 +5,10 @@
   sign-aligned with the mean difference.
 * :func:`probe_directions` -- weight vector of an L2-regularised logistic-regression probe
   (harmful = 1, benign = 0), trained in torch with L-BFGS (on standardised activations; the weight is mapped back to raw units).
-* :func:`embedding_centroid` -- the baseline of the official Guiding Giants (WAS) code: the mean of the
-  input-embedding rows of the tokens of the refusal phrases (:data:`workbench.judge.REFUSAL_PHRASES`).
+* :func:`embedding_centroid` -- the mean of the input-embedding rows of the tokens of the refusal phrases
+  (:data:`workbench.judge.REFUSAL_PHRASES`). Not the official Guiding Giants direction, which subtracts the
+  answer phrases' centroid from its own refusal phrases' and normalises
+  (:func:`workbench.steering.official.official_direction`).
 
 Each returns a :class:`~workbench.directions.Direction` (one vector per layer for the activation finders,
 ``vector`` of shape ``Float[Tensor, "n_layers d_model"]``; ``direction.at(l)`` is the direction of layer ``l``).
@@ -178,7 +180,9 @@ def refusal_phrase_token_ids(tokenizer, phrases: Sequence[str] = REFUSAL_PHRASES
 
 @torch.no_grad()
 def embedding_centroid(model, phrases: Sequence[str] = REFUSAL_PHRASES) -> Direction:
-    """The ``embedding_centroid`` baseline: mean input-embedding row of the refusal phrases' tokens.
+    """Mean input-embedding row of the refusal phrases' tokens (each token once; the phrases bare and with a
+    leading space). The official WAS code's direction is another vector:
+    :func:`workbench.steering.official.official_direction`.
 
     Returns:
         :class:`Direction` with ``vector`` ``Float[Tensor, "d_model"]`` (the raw centroid), no layer,

@@ -25,7 +25,7 @@ COLORS: dict[str, str] = {
     "actadd": "#8c564b",
     "actadd_layer": "#bcbd22",
     "cast": "#17becf",
-    "official_equivalent": "#e377c2",
+    "official": "#e377c2",
     "was_bce": "#2ca02c",
     "was_e2e": "#006d2c",
     # comparisons
@@ -44,7 +44,7 @@ PALETTE: tuple[str, ...] = (
 
 #: Preferred order of categories and methods in legends and groupings; others follow in order of appearance.
 CATEGORY_ORDER: tuple[str, ...] = ("harmful", "jailbreak", "borderline", "benign")
-METHOD_ORDER: tuple[str, ...] = ("none", "actadd", "actadd_layer", "cast", "official_equivalent", "was_bce", "was_e2e")
+METHOD_ORDER: tuple[str, ...] = ("none", "actadd", "actadd_layer", "cast", "official", "was_bce", "was_e2e")
 
 #: A horizontal legend above the plot area, right-aligned (for figures whose right side holds a colour bar).
 TOP_LEGEND = dict(orientation="h", x=1.0, xanchor="right", y=1.02, yanchor="bottom")

@@ -62,7 +62,6 @@ def run_comparison(model, direction, data, cc: CompareConfig | None = None,
     ``data``'s standard categories (once per seed of ``cc.seeds``, :func:`~workbench.steering.compare.compare_seeds`);
     the controllers' training inputs come from ``store`` when given."""
     from ..data import CATEGORIES
-    from ..directions import embedding_centroid
 
     cc = cc or CompareConfig()
     if direction.layer is None:
@@ -74,7 +73,7 @@ def run_comparison(model, direction, data, cc: CompareConfig | None = None,
         data.require(split, "harmful", "benign")
     splits = {s: data.split(s, CATEGORIES) for s in ("train", "val", "test")}
     res = compare_seeds(model, direction, int(direction.layer), splits["train"], splits["val"], splits["test"],
-                        alpha_unit=alpha_unit, centroid_direction=embedding_centroid(model), cc=cc,
+                        alpha_unit=alpha_unit, cc=cc,
                         show_progress=show_progress, store=store)
     summary = {"methods": res["methods"], "paired": res["paired"], "choices": res["choices"],
                "direction": {"layer": direction.layer, "position": direction.position, "method": direction.method,

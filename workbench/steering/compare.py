@@ -8,8 +8,11 @@ Methods (all steer along a unit direction ``d``; ``α`` values are in residual-n
 * ``cast`` -- CAST-style conditional gate (Lee et al. 2024): steer with ``actadd``'s behaviour only when the
   cosine of the prompt's last-token activation at the condition layer with the condition direction exceeds a
   threshold chosen by F1 on the validation split.
-* ``official_equivalent`` -- what the official Guiding Giants code does in effect: embedding-centroid
-  direction, last layer only, the raw unbounded scalar (benign prompts get negative steering).
+* ``official`` -- the official Guiding Giants code as it runs (:mod:`.official`, with the code-reading list):
+  input-embedding direction (refusal minus answer phrases), a controller on the last 4 layers' outputs re-run at
+  every decoding step, the raw scalar ``s`` (benign prompts get negative steering) times ``sigmoid(w_L) * 4.0``
+  added to the final layer's output; trained on up to 500 harmful and 500 benign train prompts as its loaders draw
+  them, without the generation prompt, with its loss and hyperparameters; no operating point is picked.
 * ``was_bce`` -- the controller trained with the paper's discriminative loss on ``s``.
 * ``was_e2e`` -- the controller trained end to end through the frozen model (see :mod:`.train`).
 
@@ -37,6 +40,7 @@ from ..stats import mcnemar_exact, rate_interval, seed_summary
 from ..vocab import BENIGN_LIKE, HARMFUL_LIKE
 from .controller import Controller, ControllerConfig
 from .augment import wrapped_benign
+from .official import train_official
 from .steer import SteeringPlan, controller_inputs, controller_plan, fixed_plan, gated_plan
 from .train import TrainingSet, build_training_set, train_bce, train_e2e
 
@@ -74,7 +78,7 @@ class CompareConfig:
     # summary reports mean and spread; the first seed's run gives the tables, controllers and paired tests.
     # Empty: one run with `seed`
     seeds: tuple[int, ...] = ()
-    methods: tuple[str, ...] = ("none", "actadd", "actadd_layer", "cast", "official_equivalent", "was_bce", "was_e2e")
+    methods: tuple[str, ...] = ("none", "actadd", "actadd_layer", "cast", "official", "was_bce", "was_e2e")
     extra: dict = field(default_factory=dict)
 
 
@@ -181,7 +185,6 @@ def compare_methods(
     val: Mapping[str, Sequence[str]],
     test: Mapping[str, Sequence[str]],
     alpha_unit: float,
-    centroid_direction=None,
     cc: CompareConfig | None = None,
     show_progress: bool = True,
     store=None,
@@ -194,7 +197,6 @@ def compare_methods(
         train/val/test: ``{category: prompts}`` with categories harmful, jailbreak, benign, borderline.
         alpha_unit: the natural steering magnitude (e.g. the harmful-minus-benign mean projection at
             ``layer``); every ``α`` below is a multiple of it.
-        centroid_direction: the embedding-centroid direction (Direction or tensor) for ``official_equivalent``.
         store: read the controllers' training inputs from this activation store (one entry per train category,
             so prompts other stages cached are not run again); ``None``: clean prefills here.
 
@@ -253,14 +255,14 @@ def compare_methods(
             a = choices.get("actadd_alpha", 1.0)
             choices.update(cast_threshold=thr, cast_f1=f1, cast_layer=cond_layer, cast_alpha=a)
             plans[name] = gated_plan(d, cast_gate(model, d, cond_layer, thr), a * alpha_unit / n, n)
-        elif name == "official_equivalent":
-            cdir = as_vector(centroid_direction if centroid_direction is not None else d, model, normalize=True)
-            cfg = ControllerConfig(**base_cfg, scale_activation="identity", steer_layers=[n - 1],
-                                   alpha=alpha_unit, objective="official_equivalent")
-            ctrl, _ = train_bce(model, cdir, data, cfg, epochs=cc.bce_epochs, seed=cc.seed, show_progress=False)
+        elif name == "official":
+            # its own direction, inputs, prompts (the harmful and benign train categories) and hyperparameters
+            ctrl, odir, info = train_official(model, train.get("harmful", []), train.get("benign", []),
+                                              seed=cc.seed, show_progress=show_progress)
+            choices["official"] = info
             controllers[name] = ctrl
-            controller_directions[name] = cdir  # the exact vector it was trained (and fingerprinted) with
-            plans[name] = controller_plan(ctrl, cdir, name)
+            controller_directions[name] = odir
+            plans[name] = controller_plan(ctrl, odir, name)  # re-runs the controller at every decoding step
         elif name == "was_bce":
             cfg = ControllerConfig(**base_cfg, scale_activation="sigmoid", objective="bce")
             ctrl, _ = train_bce(model, d, data, cfg, epochs=cc.bce_epochs, seed=cc.seed, show_progress=False)
@@ -343,7 +345,7 @@ def seed_free_methods(cc: CompareConfig) -> tuple[str, ...]:
     return tuple(m for m in cc.methods if m in free)
 
 
-def compare_seeds(model, direction, layer: int, train, val, test, alpha_unit: float, centroid_direction=None,
+def compare_seeds(model, direction, layer: int, train, val, test, alpha_unit: float,
                   cc: CompareConfig | None = None, show_progress: bool = True, store=None) -> dict:
     """:func:`compare_methods` under each seed of ``cc.seeds`` (arguments as there; empty ``seeds``: ``cc.seed``).
 
@@ -358,7 +360,7 @@ def compare_seeds(model, direction, layer: int, train, val, test, alpha_unit: fl
     seeds = [int(s) for s in cc.seeds] or [int(cc.seed)]
     if len(set(seeds)) != len(seeds):
         raise WorkbenchError(f"seeds must be distinct, got {list(cc.seeds)}")
-    args = (model, direction, layer, train, val, test, alpha_unit, centroid_direction)
+    args = (model, direction, layer, train, val, test, alpha_unit)
     first = compare_methods(*args, cc=replace(cc, seed=seeds[0]), show_progress=show_progress, store=store)
     if len(seeds) == 1:
         return first

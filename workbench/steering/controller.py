@@ -45,9 +45,19 @@ class ControllerConfig:
             a linear read-out of the standardised inputs, a probe; ``w`` still comes from the MLP). A linear
             detector generalised better to unseen jailbreak wrappers on the organism (NOTES.md).
         scale_activation: ``"softplus"`` (s in [0, inf), end-to-end training), ``"sigmoid"`` (s in [0, 1],
-            the discriminative objective) or ``"identity"`` (raw, unbounded: the official code's behaviour).
+            the discriminative objective) or ``"identity"`` (the raw logit, unbounded: the official code applies
+            ``s`` so, and benign prompts get negative steering).
         alpha: steering strength ``α`` multiplying the unit direction.
         steer_hook: hook alias that receives ``Δh_l`` (``resid_pre``).
+        arch: ``"was"`` (this project's MLP: standardised inputs, two GELU layers, ``w`` head starting at 0.5) or
+            ``"official"`` (the official Guiding Giants network: raw inputs, one ReLU hidden layer, ``s`` and the
+            ``w`` logits read from one linear output, default initialisation; :mod:`.official`).
+        schedule: ``"prefill"`` (``s`` and ``w`` computed once per prompt from a clean prefill, then ``Δh_l`` rides
+            the prompt's last position and every generated token) or ``"per_step"`` (the official code's loop: the
+            controller re-runs in every forward, prefill and each decoding step, on the input layers' activations at
+            the current position, and patches the layers from the deepest input layer on;
+            :func:`~workbench.steering.steer.per_step_plan`). ``per_step`` reads and steers the same site
+            (``input_hook == steer_hook``).
     """
 
     d_model: int
@@ -64,6 +74,8 @@ class ControllerConfig:
     model_fingerprint: str = ""
     direction_fingerprint: str = ""
     objective: str = ""
+    arch: str = "was"
+    schedule: str = "prefill"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -76,12 +88,22 @@ class ControllerConfig:
             raise WorkbenchError(f"unknown scale_head {self.scale_head!r}; expected 'mlp' or 'linear'")
         if self.scale_activation not in ("softplus", "sigmoid", "identity"):
             raise WorkbenchError(f"unknown scale_activation {self.scale_activation!r}")
+        if self.arch not in ("was", "official"):
+            raise WorkbenchError(f"unknown arch {self.arch!r}; expected 'was' or 'official'")
+        if self.arch == "official" and self.scale_head != "mlp":
+            raise WorkbenchError("arch 'official' reads s from its hidden layer; scale_head must be 'mlp'")
+        if self.schedule not in ("prefill", "per_step"):
+            raise WorkbenchError(f"unknown schedule {self.schedule!r}; expected 'prefill' or 'per_step'")
+        if self.schedule == "per_step" and self.input_hook != self.steer_hook:
+            raise WorkbenchError(f"schedule 'per_step' reads and steers one site; input_hook {self.input_hook!r} "
+                                 f"differs from steer_hook {self.steer_hook!r}")
 
 
 class Controller(nn.Module):
     """MLP: ``Float[Tensor, "batch n_in d_model"]`` -> (``s``: ``[batch]``, ``w``: ``[batch, L]``).
 
-    Inputs are standardised with a per-feature mean/std fitted on the training activations (buffers).
+    Inputs are standardised with a per-feature mean/std fitted on the training activations (buffers; left at 0/1
+    by the official network, ``arch="official"``).
     ``versions`` holds :func:`workbench.provenance.versions` of the software that trained it, as read by
     :func:`load_controller` (``None`` for a controller trained in this process or loaded from an older file).
     """
@@ -93,6 +115,12 @@ class Controller(nn.Module):
         n_in = len(cfg.input_layers) * cfg.d_model
         self.register_buffer("mu", torch.zeros(n_in))
         self.register_buffer("sigma", torch.ones(n_in))
+        if cfg.arch == "official":
+            # fc1 -> ReLU -> fc2 with 1 + L outputs (s, then the w logits), created in that order with the default
+            # initialisation, so a seed draws the official network's weights; mu/sigma stay 0/1 (raw inputs)
+            self.body = nn.Sequential(nn.Linear(n_in, cfg.hidden), nn.ReLU())
+            self.head = nn.Linear(cfg.hidden, 1 + cfg.n_layers)
+            return
         self.body = nn.Sequential(nn.Linear(n_in, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.hidden), nn.GELU())
         self.scale_head = nn.Linear(n_in if cfg.scale_head == "linear" else cfg.hidden, 1)
         self.weight_head = nn.Linear(cfg.hidden, cfg.n_layers)
@@ -108,6 +136,9 @@ class Controller(nn.Module):
     def scale_logit(self, x: Tensor) -> tuple[Tensor, Tensor]:
         flat = (x.reshape(x.shape[0], -1).float() - self.mu) / self.sigma
         h = self.body(flat)
+        if self.cfg.arch == "official":
+            out = self.head(h)
+            return out[:, 0], out[:, 1:]
         logit = self.scale_head(flat if self.cfg.scale_head == "linear" else h)
         return logit.squeeze(-1), self.weight_head(h)
 

@@ -86,8 +86,10 @@ class SteeringPlan:
 
 
 def controller_plan(controller: Controller, direction: Tensor, name: str = "was") -> SteeringPlan:
-    """Steering by a trained controller: ``coeffs = s · w · α``."""
+    """Steering by a trained controller: ``coeffs = s · w · α`` (a ``per_step`` controller: :func:`per_step_plan`)."""
     cfg = controller.cfg
+    if cfg.schedule == "per_step":
+        return per_step_plan(controller, direction, name)
 
     def coeffs(model, batch):
         x = controller_inputs(model, batch, cfg.input_layers, cfg.input_hook, cfg.pooling)
@@ -97,6 +99,69 @@ def controller_plan(controller: Controller, direction: Tensor, name: str = "was"
         return c, {"s": s.cpu().tolist(), "w": w.cpu().tolist()}
 
     return SteeringPlan(name, direction, coeffs, cfg.steer_hook)
+
+
+@dataclass
+class PerStepPlan(SteeringPlan):
+    """A controller that re-runs in every forward (the official Guiding Giants loop, :mod:`.official`).
+
+    In each forward (the prefill, then every cached decoding step) and at each steered position, the controller
+    reads the ``input_hook`` activations of its input layers at that position -- the deepest one before its own
+    patch -- and ``Δh_l = s · w_l · α · d`` is added to the layers from the deepest input layer on (with the last
+    layers as inputs: the final layer only). Positions are those of :func:`~workbench.steering.hooks.steering_hooks`
+    (default the last: the last prompt token, then each new token); with ``("last_k", k)`` each of the k positions
+    gets the controller's output on its own activations, as the decoding steps would.
+    ``info``: ``s`` and ``w`` of the first forward (the last prompt token), per row, filled while generating.
+    """
+
+    controller: Controller | None = None
+
+    def hooks_for(self, model, batch: ChatBatch, positions: Positions = "last"):
+        ctrl = self.controller
+        cfg = ctrl.cfg
+        layers = list(cfg.input_layers)
+        deepest = max(layers)
+        cols = position_index(positions)
+        grabbed: dict[int, Tensor] = {}
+        step: dict[str, Tensor] = {}
+        info: dict[str, list] = {"s": [], "w": []}
+        param = next(ctrl.parameters())
+
+        def capture(layer: int) -> Callable:
+            def fn(act: Tensor, hook=None) -> Tensor:
+                grabbed[layer] = act[:, cols].detach().clone()
+                return act
+            return fn
+
+        def patch(layer: int) -> Callable:
+            def fn(act: Tensor, hook=None) -> Tensor:
+                if layer == deepest:  # all inputs are there: run the controller on this forward's positions
+                    grabbed[layer] = act[:, cols].detach().clone()
+                    x = torch.stack([grabbed[l] for l in layers], dim=2)  # [batch, pos, n_in, d_model]
+                    with torch.no_grad():
+                        s, w = ctrl(x.reshape(-1, *x.shape[2:]).to(param.device))
+                    step["s"], step["w"] = s.reshape(x.shape[:2]), w.reshape(*x.shape[:2], -1)
+                    if not info["s"]:
+                        info["s"] += step["s"][:, -1].cpu().tolist()
+                        info["w"] += step["w"][:, -1].cpu().tolist()
+                c = (step["s"] * step["w"][..., layer] * cfg.alpha).to(device=act.device, dtype=act.dtype)
+                out = act.clone()
+                out[:, cols] = out[:, cols] + c[..., None] * self.direction.to(device=act.device, dtype=act.dtype)
+                return out
+            return fn
+
+        hooks = [(hook_name(cfg.input_hook, l), capture(l)) for l in sorted(set(layers)) if l < deepest]
+        hooks += [(hook_name(cfg.steer_hook, l), patch(l)) for l in range(deepest, cfg.n_layers)]
+        return hooks, info
+
+
+def per_step_plan(controller: Controller, direction: Tensor, name: str = "official") -> PerStepPlan:
+    """Steering by a controller that re-runs at every decoding step (:class:`PerStepPlan`)."""
+    def no_coeffs(model, batch):
+        raise WorkbenchError(f"plan {name!r} re-runs its controller at every step: it has no per-prompt "
+                             "coefficients (use hooks_for)")
+
+    return PerStepPlan(name, direction, no_coeffs, controller.cfg.steer_hook, controller)
 
 
 def fixed_plan(direction: Tensor, alpha: float, n_layers: int, layers: Sequence[int] | None = None,
