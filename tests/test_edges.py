@@ -66,3 +66,46 @@ def test_unknown_device_is_named():
         resolve_device("tpu")
     with pytest.raises(WorkbenchError, match="'tpu' is not a device"):
         load_model(device="tpu")
+
+
+def test_prompts_longer_than_the_context(capsys):
+    """The organism reads 256 positions: a longer prompt is one error with the count and the limit, everywhere a
+    prompt is tokenised; truncation happens only when asked, is reported as a fallback and keeps the given prompt."""
+    from workbench import load_model
+    from workbench.chat import context_limit, fit_prompts, tokenize_chat
+    from workbench.evaluate import evaluate_refusal
+    from workbench.fallbacks import recording_fallbacks
+    from workbench.generation import generate
+
+    model = load_model()
+    assert context_limit(model.tokenizer) == 256
+    long, short = "please " * 400, "hello"
+    with pytest.raises(WorkbenchError, match=r"1 of 2 prompts are longer than the model's context of 256 tokens"):
+        tokenize_chat(model.tokenizer, [long, short])
+    with pytest.raises(WorkbenchError, match="context of 232 tokens"):          # 256 - 24 reply tokens
+        evaluate_refusal(model, {"harmful": [long, short]}, max_new_tokens=24, show_progress=False)
+    with pytest.raises(WorkbenchError, match="--truncate"):
+        generate(model, [long], show_progress=False)
+    for side in ("left", "right"):
+        cut = fit_prompts(model.tokenizer, [long + "END", short], side, reply_tokens=24)
+        assert cut[1] == short and len(tokenize_chat(model.tokenizer, cut).input_ids[0]) <= 232
+        assert ("END" in cut[0]) == (side == "left")
+    with recording_fallbacks() as events:
+        ev = evaluate_refusal(model, {"harmful": [long, short]}, max_new_tokens=4, truncate="left", show_progress=False)
+    assert ev.table["prompt"].tolist() == [long, short]
+    assert [e["kind"] for e in events] == ["truncation"] and "1 of 2 prompts cut at the left" in events[0]["message"]
+    with pytest.raises(WorkbenchError, match="truncate must be one of"):
+        fit_prompts(model.tokenizer, [short], "middle")
+
+
+def test_truncate_option_of_evaluate(tmp_path, capsys):
+    from workbench.cli import main
+
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "please " * 400, "category": "harmful", "split": "test"}) + "\n"
+                    + json.dumps({"prompt": "hello", "category": "benign", "split": "test"}) + "\n")
+    assert main(["evaluate", "--data", str(data), "--quiet", "--json"]) == 2
+    assert "1 of 2 prompts are longer than the model's context" in capsys.readouterr().err
+    assert main(["evaluate", "--data", str(data), "--truncate", "right", "--quiet", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == {"harmful": 1, "benign": 1} and out["fallbacks"][0]["kind"] == "truncation"

@@ -9,6 +9,7 @@ With left padding they are the last ``n_post`` positions of every row.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ import torch
 from torch import Tensor
 
 from .errors import WorkbenchError
+
+log = logging.getLogger(__name__)
 
 _SENTINEL = "Zqx sentinel request wkv"
 
@@ -113,6 +116,75 @@ def _count_post(tokenizer, text: str, suffix: str) -> int:
     return len(tokenizer(suffix, add_special_tokens=False)["input_ids"])
 
 
+#: ``--truncate`` values: which end of an over-long user message is cut
+TRUNCATE_SIDES = ("left", "right")
+#: a tokenizer's ``model_max_length`` at or above this is Hugging Face's "unknown" sentinel, not a context length
+_NO_LIMIT = 10**9
+
+
+def context_limit(tokenizer) -> int | None:
+    """The longest formatted prompt the model takes, in tokens: the tokenizer's ``model_max_length`` (which
+    :func:`workbench.models.load_model` sets from the model's position limit), ``None`` when unknown."""
+    n = getattr(tokenizer, "model_max_length", None)
+    return int(n) if isinstance(n, int) and 0 < n < _NO_LIMIT else None
+
+
+def too_long_error(lengths: Sequence[int], limit: int) -> WorkbenchError:
+    over = [n for n in lengths if n > limit]
+    return WorkbenchError(
+        f"{len(over)} of {len(lengths)} prompts are longer than the model's context of {limit} tokens (chat template "
+        f"included; the longest has {max(over)}): the model cannot read them. Leave them out, or pass --truncate "
+        "left|right (truncate='left'|'right') to cut the user's message to fit")
+
+
+def fit_prompts(tokenizer, prompts: Sequence[str], truncate: str | None = None, system: str | None = None,
+                reply_tokens: int = 0) -> list[str]:
+    """``prompts`` checked against the model's context (:func:`context_limit`, keeping room for ``reply_tokens``).
+
+    Args:
+        truncate: ``None`` (default): an over-long prompt is a :class:`WorkbenchError` with the count and the limit;
+            ``"left"``/``"right"``: the user's message is cut at that end until the formatted prompt fits, and the
+            number of cut prompts is logged as a ``truncation`` fallback (reported in the command's JSON).
+    """
+    if truncate is not None and truncate not in TRUNCATE_SIDES:
+        raise WorkbenchError(f"truncate must be one of {TRUNCATE_SIDES} or None, got {truncate!r}")
+    limit = context_limit(tokenizer)
+    if limit is None:
+        return list(prompts)
+    room = limit - max(0, int(reply_tokens))
+    if room < 1:
+        raise WorkbenchError(f"the model's context of {limit} tokens leaves no room for a prompt and "
+                             f"{reply_tokens} reply tokens")
+    lengths = prompt_lengths(tokenizer, prompts, system)
+    if max(lengths) <= room:
+        return list(prompts)
+    if truncate is None:
+        raise too_long_error(lengths, room)
+    out = list(prompts)
+    cut = 0
+    for i, n in enumerate(lengths):
+        if n > room:
+            out[i] = _cut(tokenizer, prompts[i], n - room, truncate, system, room)
+            cut += 1
+    from .fallbacks import warn_fallback
+
+    warn_fallback(log, "truncation", "%d of %d prompts cut at the %s to fit the model's context of %d tokens",
+                  cut, len(prompts), truncate, room)
+    return out
+
+
+def _cut(tokenizer, prompt: str, excess: int, side: str, system: str | None, room: int) -> str:
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    drop = excess
+    while drop <= len(ids):
+        kept = ids[drop:] if side == "left" else ids[:len(ids) - drop]
+        text = tokenizer.decode(kept, skip_special_tokens=True)
+        if prompt_lengths(tokenizer, [text], system)[0] <= room:
+            return text
+        drop += max(1, excess // 8)
+    raise WorkbenchError(f"the chat template alone is longer than the model's context of {room} tokens")
+
+
 def tokenize_chat(
     tokenizer,
     prompts: Sequence[str],
@@ -125,6 +197,8 @@ def tokenize_chat(
     The template supplies BOS and every special token, so tokenisation adds none of its own.
     ``n_post`` is the smallest post-instruction count over the batch (they agree for every template we
     know; a tokenizer that merges the user's last character into the template may shorten it by one).
+    A prompt longer than the model's context (:func:`context_limit`) is an error (:func:`fit_prompts` cuts
+    prompts to fit when asked).
     """
     texts = format_prompts(tokenizer, prompts, system)
     suffix = post_instruction_suffix(tokenizer, system)
@@ -140,6 +214,9 @@ def tokenize_chat(
         )
     finally:
         tokenizer.padding_side = old_side
+    limit = context_limit(tokenizer)
+    if limit is not None and max_length is None and enc["input_ids"].shape[1] > limit:
+        raise too_long_error(enc["attention_mask"].sum(-1).tolist(), limit)
     batch = ChatBatch(enc["input_ids"], enc["attention_mask"], texts, n_post)
     return batch.to(device) if device is not None else batch
 

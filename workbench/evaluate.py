@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from .chat import prompt_lengths, tokenize_chat
+from .chat import fit_prompts, prompt_lengths, tokenize_chat
 from .batching import check_batch_size, length_batches, length_order
 from .decoding import GREEDY, Decoding
 from .errors import WorkbenchError
@@ -57,6 +57,7 @@ def evaluate_refusal(
     judge: Judge | str | None = None,
     prefix_cache=None,
     decoding: Decoding | None = None,
+    truncate: str | None = None,
 ) -> Evaluation:
     """Generate replies (greedy unless ``decoding`` says otherwise) for every prompt set and judge them.
 
@@ -75,6 +76,9 @@ def evaluate_refusal(
             Not with ``fwd_hooks`` (they edit the earlier positions the cache holds).
         decoding: a :class:`workbench.decoding.Decoding`: greedy (``None``, the default) or sampling with
             ``n_samples`` replies per prompt; refusal rates are then over all samples.
+        truncate: a prompt that does not fit the model's context with ``max_new_tokens`` reply tokens is an error
+            (``None``), or is cut at the ``"left"`` or ``"right"`` of the user's message
+            (:func:`workbench.chat.fit_prompts`; the table keeps the prompt as given).
 
     Returns:
         An :class:`Evaluation`; ``table`` has one row per prompt (per sample when sampling, with a ``sample``
@@ -86,6 +90,7 @@ def evaluate_refusal(
     if prefix_cache is not None and fwd_hooks:
         raise WorkbenchError("a prefix cache holds clean prompts: it cannot be combined with fwd_hooks (use a plan)")
     _check_prompt_sets(prompt_sets)
+    prompt_sets = _fit(model, prompt_sets, truncate, system, max_new_tokens)
     decoding = decoding or GREEDY
     options = dict(max_new_tokens=max_new_tokens, fwd_hooks=fwd_hooks, system=system, plan=plan,
                    keep_logprobs=keep_logprobs, judge=judge, prefix_cache=prefix_cache, decoding=decoding)
@@ -93,6 +98,27 @@ def evaluate_refusal(
     if batch_size is None or isinstance(batch_size, str):  # adaptive: batches of explicit sizes, see workbench.parallel
         return _evaluate_sharded(model, jobs, batch_size, 0, 1, None, show_progress, options)
     return _evaluate_jobs(model, jobs, batch_size, show_progress, **options)
+
+
+def _fit(model, prompt_sets: Mapping[str, Sequence[str]], truncate, system, max_new_tokens) -> dict:
+    """``prompt_sets`` with each prompt fitted to the context (:func:`workbench.chat.fit_prompts`), as ``_Fitted``
+    strings that remember the prompt as given (the table shows that one)."""
+    flat = [p for ps in prompt_sets.values() for p in ps]
+    fitted = iter(fit_prompts(model.tokenizer, flat, truncate, system, reply_tokens=max_new_tokens))
+    return {c: [_Fitted(next(fitted), p) for p in ps] for c, ps in prompt_sets.items()}
+
+
+class _Fitted(str):
+    """The prompt the model reads, remembering the prompt as given (they differ when it was truncated)."""
+
+    def __new__(cls, text: str, given: str):
+        obj = super().__new__(cls, text)
+        obj.given = given
+        return obj
+
+
+def _given(prompt: str) -> str:
+    return getattr(prompt, "given", prompt)
 
 
 def _jobs(prompt_sets: Mapping[str, Sequence[str]], decoding: "Decoding") -> list[tuple[str, str, int]]:
@@ -129,7 +155,7 @@ def _evaluate_jobs(model, jobs: Sequence[tuple[str, str, int]], batch_size: int,
         verdicts = judge.judge([p for _, p, _ in chunk], replies)
         lp = torch.log_softmax(logits.float(), -1).cpu() if keep_logprobs else None
         for k, (i, (cat, prompt, sample), reply, score, refused) in enumerate(zip(idx, chunk, replies, scores, verdicts)):
-            row = {"category": cat, "prompt": prompt, "reply": reply,
+            row = {"category": cat, "prompt": _given(prompt), "reply": reply,
                    "refused": refused, "refusal_score": score}
             if decoding.sampling:
                 row["sample"] = sample
@@ -217,6 +243,8 @@ def evaluate_distributed(model, prompt_sets: Mapping[str, Sequence[str]], batch_
             raise WorkbenchError(f"ranks hold different prompt sets (fingerprints {seen}); pass the same prompts on every rank")
     _check_prompt_sets(prompt_sets)
     decoding = kwargs.pop("decoding", None) or GREEDY
+    prompt_sets = _fit(model, prompt_sets, kwargs.pop("truncate", None), kwargs.get("system"),
+                       kwargs.get("max_new_tokens", 24))
     kwargs = {"max_new_tokens": 24, "fwd_hooks": (), "system": None, "plan": None, "keep_logprobs": False,
               "judge": None, "prefix_cache": None, **kwargs, "decoding": decoding}
     return _evaluate_sharded(model, _jobs(prompt_sets, decoding), batch_size, rank, world, dist, show_progress, kwargs)

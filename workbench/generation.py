@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .chat import ChatBatch, prompt_lengths, tokenize_chat
+from .chat import ChatBatch, fit_prompts, prompt_lengths, tokenize_chat
 from .batching import length_batches
 from .decoding import Decoding
 from .errors import WorkbenchError
@@ -85,10 +85,14 @@ def generate(
     system: str | None = None,
     show_progress: bool = True,
     decoding: Decoding | None = None,
+    truncate: str | None = None,
 ) -> list[str] | list[list[str]]:
     """Chat replies to ``prompts`` (batched along their token lengths, left-padded, KV-cached): greedy, or as
-    ``decoding`` says. One reply per prompt, or with ``decoding.n_samples > 1`` a list of the samples per prompt."""
+    ``decoding`` says. One reply per prompt, or with ``decoding.n_samples > 1`` a list of the samples per prompt.
+    A prompt too long for the model's context with ``max_new_tokens`` more is an error unless ``truncate``
+    (``"left"``/``"right"``, :func:`workbench.chat.fit_prompts`)."""
     n = decoding.n_samples if decoding is not None else 1
+    prompts = fit_prompts(model.tokenizer, prompts, truncate, system, reply_tokens=max_new_tokens)
     jobs = [(p, k) for p in prompts for k in range(n)]
     batches = length_batches(prompt_lengths(model.tokenizer, [p for p, _ in jobs], system), batch_size)
     replies: list = [None] * len(jobs)

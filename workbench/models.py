@@ -197,6 +197,7 @@ def load_model(
     for p in bridge.parameters():
         p.requires_grad_(False)
     bridge.tokenizer.padding_side = "left"
+    _set_context_limit(bridge)
     bridge._wb_source = {"name": str(name_or_path), "path": path, "local": local, "revision": revision}
     if local:
         from .gguf import source_of
@@ -209,6 +210,22 @@ def load_model(
 
         bridge._wb_self_check = check_generation(bridge).to_dict()
     return bridge
+
+
+def _set_context_limit(bridge) -> None:
+    """The tokenizer's ``model_max_length`` becomes the model's position limit (``max_position_embeddings`` /
+    ``n_positions``, or the bridge's ``n_ctx``) when that is smaller or the tokenizer does not know it: prompts longer
+    than the model can read are then refused by :func:`workbench.chat.tokenize_chat`."""
+    from .chat import context_limit
+
+    hf_cfg = getattr(getattr(bridge, "original_model", None), "config", None)
+    limits = [getattr(hf_cfg, k, None) for k in ("max_position_embeddings", "n_positions")]
+    limits.append(getattr(getattr(bridge, "cfg", None), "n_ctx", None))
+    known = [int(n) for n in limits if isinstance(n, int) and n > 0]
+    if not known:
+        return
+    own = context_limit(bridge.tokenizer)
+    bridge.tokenizer.model_max_length = min(known + ([own] if own else []))
 
 
 _DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")

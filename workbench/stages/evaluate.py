@@ -33,7 +33,9 @@ class EvaluateConfig:
     batch_size: PositiveInt | str = 32
     #: refusal judge: "substring" (default) or another registered judge
     judge: str | None = None
-    #: greedy (default) or sampling: mode, temperature, top_p, seed, n_samples (workbench.decoding)
+    #: prompts longer than the model's context (with the reply): an error (default), or cut at the "left" or "right"
+    truncate: str | None = None
+    #: greedy (default) or sampling: strategy, temperature, top_p, seed, n_samples (workbench.decoding)
     decoding: Decoding = field(default_factory=Decoding)
 
 
@@ -76,7 +78,7 @@ class EvaluateStage(Stage):
                                  f"{list(config.categories or data.categories)}")
         ev = evaluate_distributed(model, sets, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                                   show_progress=show_progress, judge=config.judge, plan=plan, fwd_hooks=fwd_hooks,
-                                  decoding=config.decoding)
+                                  decoding=config.decoding, truncate=config.truncate)
         summary = {"split": config.split, "judge": ev.table.attrs.get("judge"), **ev.summary()}
         if config.decoding.sampling:
             summary["decoding"] = config.decoding.to_dict()
