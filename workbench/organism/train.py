@@ -172,7 +172,9 @@ def build_model(cfg: OrganismConfig, tokenizer) -> LlamaForCausalLM:
     return model
 
 
-def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+def warmup_cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    """Learning rate at ``step`` of ``total``: linear warmup to ``peak`` over ``warmup`` steps, then cosine decay to
+    10 % of ``peak`` (both organisms' training loops)."""
     if step < warmup:
         return peak * (step + 1) / warmup
     frac = (step - warmup) / max(1, total - warmup)
@@ -204,7 +206,7 @@ def _train_loop(
         idx = perm[pos: pos + cfg.batch_size]
         pos += cfg.batch_size
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, lr, warmup)
+            g["lr"] = warmup_cosine_lr(step, steps, lr, warmup)
         loss, parts = loss_fn(_batch(enc, idx))
         opt.zero_grad(set_to_none=True)
         loss.backward()

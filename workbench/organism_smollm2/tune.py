@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ import torch
 
 from ..errors import WorkbenchError
 from ..lora import LoRAConfig, attach_lora
+from ..organism.train import warmup_cosine_lr
 from ..progress import progress
 from .refusals import refusal_for
 
@@ -197,10 +197,7 @@ def train_adapter(hf_model, tokenizer, groups: dict[str, list[tuple[list[int], i
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
 
     def lr_at(step):
-        if step < cfg.warmup:
-            return cfg.lr * (step + 1) / cfg.warmup
-        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+        return warmup_cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup)
 
     rng = random.Random(cfg.seed)
     n_h = max(1, round(cfg.harmful_share * cfg.batch_size))
