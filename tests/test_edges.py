@@ -109,3 +109,38 @@ def test_truncate_option_of_evaluate(tmp_path, capsys):
     assert main(["evaluate", "--data", str(data), "--truncate", "right", "--quiet", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["n"] == {"harmful": 1, "benign": 1} and out["fallbacks"][0]["kind"] == "truncation"
+
+
+def test_evaluate_with_base_pairs_unsteered_and_steered(tmp_path, capsys):
+    """The official harness's use in one command: the unsteered and the steered model on the same prompts, both
+    templated, with an exact McNemar test per category checked against the two runs' own tables."""
+    from workbench import load_model
+    from workbench.cli import main
+    from workbench.directions import Direction
+    from workbench.models import organism_dir
+    from workbench.organism import load_ground_truth
+    from workbench.stats import mcnemar_exact
+
+    model = load_model()
+    layer, u = load_ground_truth(organism_dir() / "model")
+    Direction.from_vector(model, u, layer + 1, -1, "ground_truth").save(tmp_path / "gt")
+    argv = ["evaluate", "--direction", str(tmp_path / "gt"), "--intervention", "ablate", "--limit", "12",
+            "--categories", "harmful,benign", "--quiet", "--json"]
+    assert main(argv + ["--with-base", "--save", str(tmp_path / "steered.jsonl")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["base"]["refusal_rate"]["harmful"] >= 0.75 > out["refusal_rate"]["harmful"]   # ablation removes refusal
+    lo, hi = out["refusal_ci"]["harmful"]
+    assert lo <= out["refusal_rate"]["harmful"] <= hi
+    import pandas as pd
+
+    steered = pd.read_json(tmp_path / "steered.jsonl", lines=True)
+    assert main(["evaluate", "--limit", "12", "--categories", "harmful,benign", "--quiet", "--json",
+                 "--save", str(tmp_path / "base.jsonl")]) == 0
+    capsys.readouterr()
+    base = pd.read_json(tmp_path / "base.jsonl", lines=True)
+    for cat in ("harmful", "benign"):
+        want = mcnemar_exact(base[base.category == cat].refused.tolist(), steered[steered.category == cat].refused.tolist())
+        assert out["paired_vs_base"][cat] == want.to_dict()
+    assert out["paired_vs_base"]["harmful"]["b"] >= 1
+    assert main(["evaluate", "--with-base", "--limit", "2", "--quiet"]) == 2
+    assert "--with-base compares the unsteered model" in capsys.readouterr().err

@@ -36,12 +36,31 @@ class Evaluation:
     logprobs: torch.Tensor | None = None
 
     def summary(self) -> dict:
+        """Per category: refusal rate, its Wilson 95 % interval (``refusal_ci``, over prompts, or over samples when
+        sampling), mean refusal score and the row count ``n``."""
+        from .stats import rate_interval
+
         g = self.table.groupby("category", sort=False)
+        cis = {k: rate_interval(v.tolist()) for k, v in g["refused"]}
         return {
             "refusal_rate": {k: round(float(v), 4) for k, v in g["refused"].mean().items()},
+            "refusal_ci": {k: [round(ci.lo, 4), round(ci.hi, 4)] for k, ci in cis.items()},
             "refusal_score": {k: round(float(v), 4) for k, v in g["refusal_score"].mean().items()},
             "n": {k: int(v) for k, v in g.size().items()},
         }
+
+
+def paired_refusals(reference: "Evaluation", other: "Evaluation") -> dict:
+    """Per category, an exact McNemar test (:func:`workbench.stats.mcnemar_exact`) of ``other``'s refusals against
+    ``reference``'s on the same rows (same prompts, same order: e.g. unsteered vs steered)."""
+    from .stats import mcnemar_exact
+
+    a, b = reference.table, other.table
+    if len(a) != len(b) or a["prompt"].tolist() != b["prompt"].tolist():
+        raise WorkbenchError("paired_refusals needs two evaluations of the same prompts in the same order")
+    return {c: mcnemar_exact(a.loc[a["category"] == c, "refused"].tolist(),
+                             b.loc[b["category"] == c, "refused"].tolist()).to_dict()
+            for c in dict.fromkeys(a["category"])}
 
 
 def evaluate_refusal(

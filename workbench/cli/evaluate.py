@@ -61,12 +61,22 @@ def cmd_evaluate(a: argparse.Namespace) -> dict:
     data = _prompt_data(a, cfg.split)
     model = load_model(a.model, device=a.device, dtype=a.dtype)
     steer = _intervention(a, model)
+    if a.with_base and "intervention" not in steer:
+        raise WorkbenchError("--with-base compares the unsteered model with a steered one: give --controller or "
+                             "--direction")
     result = STAGES["evaluate"].run(model, data, None, cfg, {}, show_progress=not a.quiet,
                                     plan=steer.get("plan"), fwd_hooks=steer.get("fwd_hooks", ()))
     source = {"datasets": a.dataset} if a.dataset else {"data": data.source}
     out = {"model": a.model, **source, **result.summary}
     if "intervention" in steer:
         out["intervention"] = steer["intervention"]
+    if a.with_base:
+        from ..evaluate import Evaluation, paired_refusals
+
+        base = STAGES["evaluate"].run(model, data, None, cfg, {}, show_progress=not a.quiet)
+        out["base"] = {k: base.summary[k] for k in ("refusal_rate", "refusal_ci", "refusal_score", "n")}
+        out["paired_vs_base"] = paired_refusals(Evaluation(base.tables["generations"]),
+                                                Evaluation(result.tables["generations"]))
     if a.save:
         result.tables["generations"].to_json(a.save, orient="records", lines=True)
     if a.out:
@@ -98,4 +108,7 @@ def register(sub, bench_sub) -> None:
                    help="with --direction: ablate it everywhere (default) or add it at its layer")
     p.add_argument("--coeff", type=float, default=1.0, help="actadd coefficient (multiples of the direction)")
     p.add_argument("--controller", default=None, help="a saved WAS controller directory to steer with")
+    p.add_argument("--with-base", action="store_true",
+                   help="with --controller/--direction: also evaluate the unsteered model on the same prompts (same "
+                        "chat template, same decoding) and report both with an exact McNemar test per category")
     p.set_defaults(func=cmd_evaluate)
