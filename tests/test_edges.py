@@ -144,3 +144,25 @@ def test_evaluate_with_base_pairs_unsteered_and_steered(tmp_path, capsys):
     assert out["paired_vs_base"]["harmful"]["b"] >= 1
     assert main(["evaluate", "--with-base", "--limit", "2", "--quiet"]) == 2
     assert "--with-base compares the unsteered model" in capsys.readouterr().err
+
+
+def test_file_format_errors_are_one_message_and_nothing_is_dropped_silently(tmp_path, capsys):
+    from workbench.cli import main
+
+    rows_list = tmp_path / "list.jsonl"
+    rows_list.write_text('["a", "b"]\n{"prompt": "x"}\n')
+    not_utf8 = tmp_path / "latin.jsonl"
+    not_utf8.write_bytes(b'\xff\xfe{"prompt": "x"}\n')
+    for path, message in ((rows_list, "row 1 is list, expected an object with a 'prompt' field"),
+                          (not_utf8, "is not UTF-8 text")):
+        assert main(["cache", "compute", "--prompts", str(path), "--root", str(tmp_path / "store"), "--quiet"]) == 2
+        assert message in capsys.readouterr().err
+        assert main(["evaluate", "--data", str(path), "--quiet"]) == 2
+        assert ("row 1 is list" if path == rows_list else "not UTF-8") in capsys.readouterr().err
+    holes = tmp_path / "holes.jsonl"
+    holes.write_text('{"prompt": "x", "category": "harmful"}\n{"category": "harmful"}\n{"prompt": "x", "category": "harmful"}\n'
+                     '{"prompt": "y", "category": "harmful"}\n')
+    assert main(["evaluate", "--dataset", str(holes), "--max-new-tokens", "2", "--quiet", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["n"] == {"harmful": 2}
+    assert "workbench: warning:" in captured.err and "1 row(s) without a 'prompt' text and 1 repeated" in captured.err

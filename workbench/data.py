@@ -29,8 +29,13 @@ def read_jsonl(path: str | Path, what: str = "prompt file") -> list:
     path = Path(path)
     if not path.exists():
         raise WorkbenchError(f"{what} {str(path)!r} does not exist")
-    with open(path, encoding="utf-8") as fh:
-        return parse_jsonl(fh, path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return parse_jsonl(fh, path)
+    except UnicodeDecodeError as exc:
+        raise WorkbenchError(f"{what} {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise WorkbenchError(f"cannot read {what} {str(path)!r}: {exc.strerror}") from None
 
 
 def write_jsonl(path: str | Path, rows: Iterable) -> None:

@@ -106,11 +106,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warnings_to_stderr() -> None:
+    """The CLI prints the workbench's warnings (fallbacks, dropped rows, unchecked files) as ``workbench: warning: ...``
+    on stderr: without a handler of its own, a warning logged while the fallback recorder listens would be lost."""
+    import logging
+
+    logger = logging.getLogger("workbench")
+    if not any(getattr(h, "_wb_stderr", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(logging.Formatter("workbench: warning: %(message)s"))
+        handler._wb_stderr = True
+        logger.addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from ..fallbacks import recording_fallbacks
 
+    _warnings_to_stderr()
     try:
         with recording_fallbacks() as fallbacks:
             result = args.func(args)

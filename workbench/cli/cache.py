@@ -83,13 +83,17 @@ def _read_prompts(path: str) -> list:
 
     if path.endswith(".jsonl"):
         rows = read_jsonl(path)
-        bad = [i for i, r in enumerate(rows) if not isinstance(r.get("prompt"), str)]
-        if bad:
-            raise WorkbenchError(f"{path}: rows {bad[:5]} have no 'prompt' string")
+        for i, r in enumerate(rows, 1):       # the checks of PromptSets.from_rows, whose rows need no category here
+            if not isinstance(r, dict):
+                raise WorkbenchError(f"{path}: row {i} is {type(r).__name__}, expected an object with a 'prompt' field")
+            if not isinstance(r.get("prompt"), str) or not r["prompt"].strip():
+                raise WorkbenchError(f"{path}: row {i} has no 'prompt' text (fields: {sorted(r)})")
         return rows
     try:
         with open(path, encoding="utf-8") as fh:
             return [line.rstrip("\n") for line in fh if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise WorkbenchError(f"prompt file {path!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise WorkbenchError(f"cannot read prompt file {path!r}: {exc.strerror}") from None
 

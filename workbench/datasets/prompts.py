@@ -79,7 +79,14 @@ def _select(df: pd.DataFrame, column: str, label: str, limit: int | None, where:
     _check_limit(limit)
     _require(df, column, label)
     kept = filter_rows(df, where, label, skip_missing_where)
-    prompts = clean_prompts(kept[column].tolist(), limit, dedup)
+    values = kept[column].tolist()
+    prompts = clean_prompts(values, limit, dedup)
+    if prompts and limit is None:          # nothing dropped goes unsaid (a --limit cut is asked for)
+        empty = sum(1 for v in values if _missing(v) or not str(v).strip())
+        repeated = len(values) - empty - len(prompts)
+        if empty or repeated:
+            log.warning("%s: %d row(s) without a %r text and %d repeated prompt(s) left out; %d prompts kept",
+                        label, empty, column, repeated, len(prompts))
     if not prompts:
         what = f" after filtering on {dict(where)}" if where and len(kept) < len(df) else ""
         raise WorkbenchError(f"no prompts in column {column!r} of {label}{what} ({len(df)} rows read)")
