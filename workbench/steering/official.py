@@ -61,9 +61,9 @@ Steered generation (``llmsteering/inference/generation.py:18-172``, ``benchmarks
 Not reproduced: the official benchmark harness (``benchmarks/*.py``) compares a template-less "base" with the
 templated steered run and judges with GPT-4o; the comparison here evaluates every method templated and with the
 project's judge. Two tokenizer details only matter on other checkpoints than the organism: (1) the official code
-calls the checkpoint's own tokenizer with its default ``add_special_tokens=True``; the organism's and SmolLM2's
-add nothing to a rendered template, so here the template's tokens are used as they are (``model.tokenizer`` of the
-bridge would add a second BOS); on a tokenizer that adds a BOS (Llama-3) the official inputs carry two. (2) The
+calls the checkpoint's own tokenizer with its default ``add_special_tokens=True``; the organism's adds nothing to
+a rendered template, so here the template's tokens are used as they are (``model.tokenizer`` of the bridge would
+add a second BOS); on a tokenizer that adds a BOS (Llama-3) the official inputs carry two. (2) The
 official training inputs are padded on the checkpoint's configured side and read at position -1, a pad for every
 shorter prompt of a batch under right padding; here ``model.tokenizer`` pads on the left (the organism's own side).
 
