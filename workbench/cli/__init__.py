@@ -111,9 +111,20 @@ def _warnings_to_stderr() -> None:
     on stderr: without a handler of its own, a warning logged while the fallback recorder listens would be lost."""
     import logging
 
+    class CurrentStderr(logging.StreamHandler):
+        """Writes to whatever ``sys.stderr`` is when a record comes (a test's capture, a redirected stream)."""
+
+        @property
+        def stream(self):
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, _value):
+            pass
+
     logger = logging.getLogger("workbench")
     if not any(getattr(h, "_wb_stderr", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = CurrentStderr()
         handler.setLevel(logging.WARNING)
         handler.setFormatter(logging.Formatter("workbench: warning: %(message)s"))
         handler._wb_stderr = True
