@@ -108,15 +108,20 @@ def evaluate_refusal(
     judge = get_judge(judge)  # built once (a classifier judge loads a model), shared by every batch
     if prefix_cache is not None and fwd_hooks:
         raise WorkbenchError("a prefix cache holds clean prompts: it cannot be combined with fwd_hooks (use a plan)")
-    _check_prompt_sets(prompt_sets)
-    prompt_sets = _fit(model, prompt_sets, truncate, system, max_new_tokens)
     decoding = decoding or GREEDY
+    jobs = _prepared_jobs(model, prompt_sets, truncate, system, max_new_tokens, decoding)
     options = dict(max_new_tokens=max_new_tokens, fwd_hooks=fwd_hooks, system=system, plan=plan,
                    keep_logprobs=keep_logprobs, judge=judge, prefix_cache=prefix_cache, decoding=decoding)
-    jobs = _jobs(prompt_sets, decoding)
     if batch_size is None or isinstance(batch_size, str):  # adaptive: batches of explicit sizes, see workbench.parallel
         return _evaluate_sharded(model, jobs, batch_size, 0, 1, None, show_progress, options)
     return _evaluate_jobs(model, jobs, batch_size, show_progress, **options)
+
+
+def _prepared_jobs(model, prompt_sets: Mapping[str, Sequence[str]], truncate, system, max_new_tokens,
+                   decoding: "Decoding") -> list[tuple[str, str, int]]:
+    """The checked, context-fitted :func:`_jobs` of ``prompt_sets`` (one set-up for every evaluation path)."""
+    _check_prompt_sets(prompt_sets)
+    return _jobs(_fit(model, prompt_sets, truncate, system, max_new_tokens), decoding)
 
 
 def _fit(model, prompt_sets: Mapping[str, Sequence[str]], truncate, system, max_new_tokens) -> dict:
@@ -260,13 +265,12 @@ def evaluate_distributed(model, prompt_sets: Mapping[str, Sequence[str]], batch_
         dist.all_gather_object(seen, _fingerprint_jobs(prompt_sets))
         if len(set(seen)) != 1:
             raise WorkbenchError(f"ranks hold different prompt sets (fingerprints {seen}); pass the same prompts on every rank")
-    _check_prompt_sets(prompt_sets)
     decoding = kwargs.pop("decoding", None) or GREEDY
-    prompt_sets = _fit(model, prompt_sets, kwargs.pop("truncate", None), kwargs.get("system"),
-                       kwargs.get("max_new_tokens", 24))
     kwargs = {"max_new_tokens": 24, "fwd_hooks": (), "system": None, "plan": None, "keep_logprobs": False,
               "judge": None, "prefix_cache": None, **kwargs, "decoding": decoding}
-    return _evaluate_sharded(model, _jobs(prompt_sets, decoding), batch_size, rank, world, dist, show_progress, kwargs)
+    jobs = _prepared_jobs(model, prompt_sets, kwargs.pop("truncate", None), kwargs["system"],
+                          kwargs["max_new_tokens"], decoding)
+    return _evaluate_sharded(model, jobs, batch_size, rank, world, dist, show_progress, kwargs)
 
 
 def first_token_kl(reference: Evaluation, steered: Evaluation, category: str | None = None) -> float:
