@@ -29,6 +29,7 @@ REPORT_FILE = "training.json"
 def _cached_replies(hf_model, tok, base_dir: Path, prompts: list[str], n_tokens: int, show_progress: bool):
     """:func:`base_replies`, kept in the cache by (base weights, prompts, length): a rebuild skips the generation."""
     from ..fetch import cache_dir, sha256_file
+    from ..store.fileio import atomic_write_json
 
     key = hashlib.sha256(json.dumps([sha256_file(base_dir / "model.safetensors"), (base_dir / "config.json").read_text(),
                                      prompts, n_tokens]).encode()).hexdigest()
@@ -36,9 +37,7 @@ def _cached_replies(hf_model, tok, base_dir: Path, prompts: list[str], n_tokens:
     if path.exists():
         return json.loads(path.read_text())
     replies = base_replies(hf_model, tok, prompts, n_tokens, show_progress=show_progress)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(replies))
-    tmp.replace(path)
+    atomic_write_json(path, replies)
     return replies
 
 
