@@ -6,7 +6,7 @@ import pytest
 
 from workbench.errors import WorkbenchError
 from workbench.models import organism_dir
-from workbench.pipeline import RunConfig, run_main_job
+from workbench.pipeline import RunConfig, rebuild_report, run_main_job
 from workbench.stages import PatchingConfig, SteeringConfig
 from workbench.report import publish_run
 
@@ -110,9 +110,51 @@ def test_second_run_into_the_same_dir_reuses_finished_stages(quick_run):
     forced = run_main_job(RunConfig(out_dir=str(root / "out"), store=str(root / "store"), limit=8, patching=PatchingConfig(n_pairs=4),
                                     stages=("evaluate",), force=True, show_progress=False))
     assert forced["reused"] == []
+    # the stages not run this time stay in the directory's summary and report, as their records left them
+    assert forced["earlier"] == ["directions", "patching", "sparsity", "steering"]
+    assert forced["steering"]["methods"] == json.loads(json.dumps(first["steering"]["methods"]))
+    assert forced["seconds"]["steering"] > 0
+    assert "Finished by an earlier run into this directory" in (root / "out" / "report.md").read_text()
+    rebuilt = rebuild_report(root / "out")
+    assert rebuilt["earlier"] == ["evaluate", "directions", "patching", "sparsity", "steering"]
+    assert rebuilt["evaluate"] == json.loads(json.dumps(forced["evaluate"]))
     other = run_main_job(RunConfig(out_dir=str(root / "out"), store=str(root / "store"), limit=6, patching=PatchingConfig(n_pairs=4),
                                    stages=("evaluate",), show_progress=False))
     assert other["reused"] == [] and other["evaluate"]["n"]["harmful"] == 6
+
+
+def test_report_only_rebuilds_from_the_stage_records(tmp_path, monkeypatch):
+    from workbench.cli import main
+
+    out = tmp_path / "run"
+    with pytest.raises(WorkbenchError, match="no summary.json"):
+        rebuild_report(out)
+    (out / "figures").mkdir(parents=True)
+    (out / "summary.json").write_text(json.dumps({"model": "m", "data": {"source": "real"}, "versions": {"x": 1},
+                                                  "seconds": {"load_model": 3.0, "steering": 9.0, "total": 12.0},
+                                                  "steering": {"stale": True}}))
+    with pytest.raises(WorkbenchError, match="no finished stage"):
+        rebuild_report(out)
+    (out / "figures" / "rates.html").write_text("<html></html>")
+    for stage, block in (("evaluate", {"refusal_rate": {"harmful": 0.5}, "refusal_score": {"harmful": 1.0},
+                                       "n": {"harmful": 2}}),
+                         ("steering", {"methods": {"none": {"refusal_rate": {"harmful": 0.5}}}})):
+        (out / stage).mkdir()
+        figs = [[stage, f"{stage} figure", "figures/rates.html"]] if stage == "evaluate" else []
+        (out / stage / "stage.json").write_text(json.dumps({"key": "k", "summary": block, "figures": figs,
+                                                             "fallbacks": [{"kind": stage}], "seconds": 7.5}))
+    (out / "patching").mkdir()   # a stage left without a record is not a finished stage
+    rebuilt = rebuild_report(out)
+    assert rebuilt["earlier"] == ["evaluate", "steering"]
+    assert rebuilt["steering"] == {"methods": {"none": {"refusal_rate": {"harmful": 0.5}}}}
+    assert rebuilt["seconds"] == {"load_model": 3.0, "total": 12.0, "evaluate": 7.5, "steering": 7.5}
+    assert rebuilt["fallbacks"] == [{"kind": "evaluate"}, {"kind": "steering"}]
+    assert json.loads((out / "summary.json").read_text()) == rebuilt
+    md = (out / "report.md").read_text()
+    assert "evaluate figure" in md and "| harmful | 50.0 %" in md
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--report-only", "--out", str(out), "--quiet"]) == 0
+    assert (out / "report.html").exists()
 
 
 def test_bad_runs(tmp_path):

@@ -153,16 +153,67 @@ def stage_inputs(out: Path, stage, planned: tuple[str, ...]) -> tuple[dict[str, 
     return dirs, hashes
 
 
+def _finished_record(out: Path, stage: str) -> dict | None:
+    """The ``stage.json`` record of a finished stage under ``out`` whose figures all exist, else ``None``."""
+    rec_path = out / stage / "stage.json"
+    if not rec_path.exists():
+        return None
+    try:
+        rec = json.loads(rec_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WorkbenchError(f"cannot read the stage record {str(rec_path)!r}: {exc}; delete it to recompute the "
+                             f"{stage} stage") from exc
+    if not all((out / p).exists() for _, _, p in rec.get("figures", [])):
+        return None
+    return rec
+
+
+def earlier_stages(out: Path, skip, summary: dict, figures: list) -> list[str]:
+    """Add the stages finished in ``out`` by an earlier run, other than ``skip`` (those this run ran), to
+    ``summary`` (their block, seconds and fallbacks) and ``figures``, so the directory's report covers every stage
+    it holds; returns their names. Each record is shown as it is: it keeps the key of the run that made it."""
+    kept = []
+    for name in STAGES:
+        rec = None if name in skip else _finished_record(out, name)
+        if rec is None:
+            continue
+        summary[name] = rec["summary"]
+        if rec.get("seconds") is not None:
+            summary.setdefault("seconds", {})[name] = rec["seconds"]
+        summary.setdefault("fallbacks", []).extend(rec.get("fallbacks", []))
+        figures.extend((s, t, out / p) for s, t, p in rec.get("figures", []))
+        kept.append(name)
+    return kept
+
+
+def rebuild_report(out_dir: str | Path) -> dict:
+    """Rewrite ``summary.json``, ``report.md`` and ``report.html`` of a run directory from the records of the stages
+    it holds (``workbench run --report-only``): no model is loaded and nothing is recomputed. The model, data and
+    versions come from the directory's ``summary.json``."""
+    from .report import write_report
+
+    out = Path(out_dir)
+    path = out / "summary.json"
+    if not path.exists():
+        raise WorkbenchError(f"{str(out)!r} holds no summary.json: not a run directory (run `workbench run` first)")
+    old = json.loads(path.read_text())
+    summary = {k: old[k] for k in ("model", "data", "versions") if k in old}
+    summary["seconds"] = {k: v for k, v in old.get("seconds", {}).items() if k not in STAGES}
+    figures: list = []
+    summary["earlier"] = earlier_stages(out, (), summary, figures)
+    if not summary["earlier"]:
+        raise WorkbenchError(f"{str(out)!r} holds no finished stage (no <stage>/stage.json)")
+    path.write_text(json.dumps(summary, indent=2, default=str))
+    write_report(summary, figures, out)
+    return summary
+
+
 def _reuse(run: _Run, stage: str, key: str) -> dict | None:
     """The ``stage.json`` record of a finished stage with this key (its figures re-registered), else ``None``."""
-    rec_path = run.out / stage / "stage.json"
-    if run.cfg.force or not rec_path.exists():
+    rec = None if run.cfg.force else _finished_record(run.out, stage)
+    if rec is None or rec.get("key") != key:
         return None
-    rec = json.loads(rec_path.read_text())
-    figs = [(s, t, run.out / p) for s, t, p in rec.get("figures", [])]
-    if rec.get("key") != key or not all(p.exists() for _, _, p in figs):
-        return None
-    run.figures.extend(figs)
+    run.figures.extend((s, t, run.out / p) for s, t, p in rec.get("figures", []))
     return rec
 
 
@@ -211,7 +262,7 @@ def run_main_job(cfg: RunConfig) -> dict:
                 figs = run.save_figures(name, stage.figures(result)) if cfg.figures else []
                 rec = {"key": key, "summary": result.summary,
                        "figures": [(s, ti, str(p.relative_to(out))) for s, ti, p in figs],
-                       "fallbacks": fallbacks[n_fallbacks:]}
+                       "fallbacks": fallbacks[n_fallbacks:], "seconds": round(time.time() - t, 1)}
                 (out / name / "stage.json").write_text(json.dumps(rec, indent=2, default=str))
             summary[name] = rec["summary"]
             timings[name] = round(time.time() - t, 1)
@@ -219,6 +270,7 @@ def run_main_job(cfg: RunConfig) -> dict:
     timings["total"] = round(time.time() - t0, 1)
     summary["seconds"] = timings
     summary["reused"] = reused
+    summary["earlier"] = earlier_stages(out, cfg.stages, summary, run.figures)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     from .report import write_report
 

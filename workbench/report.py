@@ -128,6 +128,9 @@ def headline_markdown(summary: dict) -> list[str]:
             out += [f"## {stage.capitalize()}", "", "```json", json.dumps(block, indent=2, default=str)[:6000], "```", ""]
     if summary.get("seconds"):
         out += ["## Run time (seconds)", ""]
+        if summary.get("earlier"):
+            out += [f"Finished by an earlier run into this directory and not run again now (each as its own "
+                    f"record left it): {', '.join(summary['earlier'])}.", ""]
         if summary.get("reused"):
             out += [f"Reused from the previous run into this directory (same model, configuration and code): "
                     f"{', '.join(summary['reused'])}.", ""]

@@ -9,9 +9,17 @@ import dataclasses
 
 
 def cmd_run(a: argparse.Namespace) -> dict:
-    from ..pipeline import RunConfig, run_main_job
+    from ..pipeline import RunConfig, rebuild_report, run_main_job
     from .options import config_from_args
 
+    if a.report_only:
+        out = a.out or (RunConfig.load(a.config).out_dir if a.config else RunConfig().out_dir)
+        summary = rebuild_report(out)
+        if a.publish:
+            from ..report import publish_run
+
+            publish_run(out, a.publish)
+        return summary if a.json else {"out": out, "stages": summary["earlier"], "report": f"{out}/report.html"}
     base = RunConfig.load(a.config) if a.config else RunConfig()
     cfg = config_from_args(RunConfig, a, base=base)
     overrides = {k: v for k, v in (("model", a.model), ("device", a.device), ("dtype", a.dtype),
@@ -49,6 +57,8 @@ def register(sub, bench_sub) -> None:
                    help="start from a saved run configuration (a run's config.json); options given override it")
     p.add_argument("--publish", default=None, metavar="DIR",
                    help="also copy the figures, report and small data tables to DIR (e.g. figures/)")
+    p.add_argument("--report-only", action="store_true",
+                   help="rebuild summary.json and the report of --out from the stages it holds (nothing recomputed)")
     add_config_options(p, RunConfig, skip=("model", "device", "dtype", "out_dir", "show_progress") + STAGES)
     for stage in STAGES:
         cls = type(getattr(RunConfig(), stage))
