@@ -111,6 +111,23 @@ def test_truncate_option_of_evaluate(tmp_path, capsys):
     assert out["n"] == {"harmful": 1, "benign": 1} and out["fallbacks"][0]["kind"] == "truncation"
 
 
+def test_truncate_option_of_cache_compute(tmp_path, capsys):
+    from workbench.cli import main
+    from workbench.store import ActivationStore
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "please " * 400, "id": 1}) + "\n" + json.dumps({"prompt": "hello"}) + "\n")
+    base = ["cache", "compute", "--prompts", str(prompts), "--root", str(tmp_path / "store"), "--quiet", "--json"]
+    assert main(base) == 2
+    assert "1 of 2 prompts are longer than the model's context of 256 tokens" in capsys.readouterr().err
+    assert main(base + ["--truncate", "left"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n_prompts"] == 2
+    meta = ActivationStore(tmp_path / "store").open(out["key"]).meta
+    assert meta["prompt"][0].strip().startswith("please") and len(meta["prompt"][0]) < 400 * 7   # cut on the left
+    assert meta["n_tokens"][0] <= 256 and meta["id"][0] == 1 and meta["prompt"][1] == "hello"
+
+
 def test_evaluate_with_base_pairs_unsteered_and_steered(tmp_path, capsys):
     """The official harness's use in one command: the unsteered and the steered model on the same prompts, both
     templated, with an exact McNemar test per category checked against the two runs' own tables."""
@@ -166,3 +183,30 @@ def test_file_format_errors_are_one_message_and_nothing_is_dropped_silently(tmp_
     captured = capsys.readouterr()
     assert json.loads(captured.out)["n"] == {"harmful": 2}
     assert "workbench: warning:" in captured.err and "1 row(s) without a 'prompt' text and 1 repeated" in captured.err
+
+
+def test_a_controller_runs_only_along_the_direction_it_was_trained_with(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from workbench.steering.controller import (Controller, ControllerConfig, direction_fingerprint, load_controller,
+                                               save_controller)
+    from workbench.steering.steer import controller_plan
+
+    d = torch.randn(16)
+    cfg = ControllerConfig(d_model=16, n_layers=4, input_layers=[2, 3], alpha=1.0,
+                           direction_fingerprint=direction_fingerprint(d))
+    ctrl = Controller(cfg)
+    assert controller_plan(ctrl, d).name == "was"
+    for other in (torch.randn(16), 2 * d, d / d.norm()):   # another direction, or the same one rescaled
+        with pytest.raises(WorkbenchError, match="trained along direction"):
+            controller_plan(ctrl, other)
+    untrained = Controller(ControllerConfig(d_model=16, n_layers=4, input_layers=[2, 3], alpha=1.0))
+    controller_plan(untrained, torch.randn(16))   # no recorded direction: any direction
+    save_controller(ctrl, d, tmp_path / "c")
+    assert torch.equal(load_controller(tmp_path / "c")[1], d)
+    tensors = load_file(str(tmp_path / "c" / "controller.safetensors"))
+    tensors["direction"] = torch.randn(16)   # a direction swapped in the file: refused even without a model
+    save_file(tensors, str(tmp_path / "c" / "controller.safetensors"))
+    with pytest.raises(WorkbenchError, match="saved in .* was trained along direction"):
+        load_controller(tmp_path / "c")

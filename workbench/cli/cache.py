@@ -98,6 +98,16 @@ def _read_prompts(path: str) -> list:
         raise WorkbenchError(f"cannot read prompt file {path!r}: {exc.strerror}") from None
 
 
+def _fitted(model, prompts: list, truncate: str, system: str | None) -> list:
+    """``prompts`` (texts or rows with a 'prompt') cut to the model's context at the ``truncate`` end
+    (:func:`workbench.chat.fit_prompts`; without ``--truncate`` an over-long prompt is an error)."""
+    from ..chat import fit_prompts
+
+    texts = [p["prompt"] if isinstance(p, dict) else p for p in prompts]
+    fitted = fit_prompts(model.tokenizer, texts, truncate, system)
+    return [{**p, "prompt": t} if isinstance(p, dict) else t for p, t in zip(prompts, fitted)]
+
+
 def cmd_compute(a: argparse.Namespace) -> dict:
     from ..models import load_model
     from ..store import get_or_compute
@@ -117,6 +127,8 @@ def cmd_compute(a: argparse.Namespace) -> dict:
     if a.limit is not None:
         prompts = prompts[:a.limit]
     model = load_model(a.model, device=a.device, dtype=a.dtype)
+    if a.truncate:
+        prompts = _fitted(model, prompts, a.truncate, a.system)
     hooks = [h.strip() for h in a.hooks.split(",") if h.strip()]
     entry = get_or_compute(model, prompts, hooks=hooks, positions=_parse_positions(a.positions), dtype=a.cache_dtype,
                            store=_store(a), batch_size=a.batch_size, system=a.system, show_progress=not a.quiet)
@@ -185,6 +197,9 @@ def register(sub, bench_sub) -> None:
     c.add_argument("--batch-size", type=parse_batch_size, default=32,
                    help="prompts per forward pass and shard, or 'auto' (from free memory, halved on out-of-memory)")
     c.add_argument("--system", default=None, help="system prompt")
+    c.add_argument("--truncate", default=None, choices=["left", "right"],
+                   help="cut prompts longer than the model's context at this end (default: an over-long prompt is "
+                        "an error naming the count and the limit)")
     c.set_defaults(func=cmd_compute)
 
     b = bench_sub.add_parser("cache", help="store vs bare forward vs run_with_cache; peak RSS at 1x and 4x prompts")

@@ -199,12 +199,24 @@ def load_controller(path: str | Path, model=None) -> tuple[Controller, Tensor]:
         raise WorkbenchError(f"controller format {meta.get('format_version')} is newer than this workbench ({FORMAT_VERSION})")
     cfg = ControllerConfig(**meta["config"])
     direction = tensors.pop("direction")
+    check_direction(cfg, direction, f"the controller saved in {str(path)!r}")
     if model is not None:
         check_compatible(cfg, direction, model)
     ctrl = Controller(cfg)
     ctrl.load_state_dict({k[len("state."):]: v for k, v in tensors.items()})
     ctrl.versions = meta.get("versions")
     return ctrl.eval(), direction
+
+
+def check_direction(cfg: ControllerConfig, direction: Tensor, what: str = "this controller") -> None:
+    """Refuse to pair a controller with a direction other than the one it was trained along (its recorded
+    ``direction_fingerprint``; a controller without one, e.g. untrained, takes any direction)."""
+    fp = cfg.direction_fingerprint
+    if fp and direction_fingerprint(direction) != fp:
+        raise WorkbenchError(
+            f"{what} was trained along direction {fp}, but the direction given has fingerprint "
+            f"{direction_fingerprint(direction)} (another direction, or the same one rescaled); steer it with the "
+            f"direction it was saved with (load_controller returns both)")
 
 
 def check_compatible(cfg: ControllerConfig, direction: Tensor, model) -> None:
@@ -223,5 +235,4 @@ def check_compatible(cfg: ControllerConfig, direction: Tensor, model) -> None:
         raise WorkbenchError(
             f"controller was trained on model {cfg.model_fingerprint} but this model's fingerprint is {fp}"
         )
-    if cfg.direction_fingerprint and cfg.direction_fingerprint != direction_fingerprint(direction):
-        raise WorkbenchError("the controller's saved direction does not match its recorded direction fingerprint")
+    check_direction(cfg, direction)

@@ -18,7 +18,7 @@ from ..chat import ChatBatch
 from ..errors import WorkbenchError
 from ..models import model_device
 from ..vocab import Positions, check_layers, position_index
-from .controller import POOLING_POSITIONS, Controller
+from .controller import POOLING_POSITIONS, Controller, check_direction
 from .hooks import hook_name, steering_hooks
 
 
@@ -86,8 +86,10 @@ class SteeringPlan:
 
 
 def controller_plan(controller: Controller, direction: Tensor, name: str = "was") -> SteeringPlan:
-    """Steering by a trained controller: ``coeffs = s · w · α`` (a ``per_step`` controller: :func:`per_step_plan`)."""
+    """Steering by a trained controller: ``coeffs = s · w · α`` (a ``per_step`` controller: :func:`per_step_plan`).
+    ``direction`` must be the one the controller was trained along (:func:`~.controller.check_direction`)."""
     cfg = controller.cfg
+    check_direction(cfg, direction)
     if cfg.schedule == "per_step":
         return per_step_plan(controller, direction, name)
 
