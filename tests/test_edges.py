@@ -185,7 +185,7 @@ def test_file_format_errors_are_one_message_and_nothing_is_dropped_silently(tmp_
     assert "workbench: warning:" in captured.err and "1 row(s) without a 'prompt' text and 1 repeated" in captured.err
 
 
-def test_a_controller_runs_only_along_the_direction_it_was_trained_with(tmp_path):
+def test_a_controller_runs_only_along_the_direction_it_was_trained_with(tmp_path, caplog):
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -201,10 +201,13 @@ def test_a_controller_runs_only_along_the_direction_it_was_trained_with(tmp_path
     for other in (torch.randn(16), 2 * d, d / d.norm()):   # another direction, or the same one rescaled
         with pytest.raises(WorkbenchError, match="trained along direction"):
             controller_plan(ctrl, other)
+    assert controller_plan(ctrl, 2 * d, any_direction=True).name == "was"   # the explicit override
     untrained = Controller(ControllerConfig(d_model=16, n_layers=4, input_layers=[2, 3], alpha=1.0))
     controller_plan(untrained, torch.randn(16))   # no recorded direction: any direction
     save_controller(ctrl, d, tmp_path / "c")
-    assert torch.equal(load_controller(tmp_path / "c")[1], d)
+    with caplog.at_level("WARNING"):
+        assert torch.equal(load_controller(tmp_path / "c")[1], d)
+    assert "loaded without a model: nothing ties it to one" in caplog.text
     tensors = load_file(str(tmp_path / "c" / "controller.safetensors"))
     tensors["direction"] = torch.randn(16)   # a direction swapped in the file: refused even without a model
     save_file(tensors, str(tmp_path / "c" / "controller.safetensors"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -182,7 +183,9 @@ def save_controller(controller: Controller, direction: Tensor, path: str | Path)
 
 
 def load_controller(path: str | Path, model=None) -> tuple[Controller, Tensor]:
-    """Load a controller and its direction; with ``model``, refuse one made for another model.
+    """Load a controller and its direction; with ``model``, refuse one made for another model (without: a warning
+    says nothing was checked against a model). A direction in the file other than the one the controller recorded
+    at training is refused either way.
 
     The recorded ``versions`` become ``controller.versions`` (``None`` for a file written before they were recorded).
     """
@@ -202,6 +205,10 @@ def load_controller(path: str | Path, model=None) -> tuple[Controller, Tensor]:
     check_direction(cfg, direction, f"the controller saved in {str(path)!r}")
     if model is not None:
         check_compatible(cfg, direction, model)
+    else:
+        logging.getLogger(__name__).warning(
+            "controller %s loaded without a model: nothing ties it to one (recorded model fingerprint %s); pass "
+            "model= to check it", path, cfg.model_fingerprint or "none")
     ctrl = Controller(cfg)
     ctrl.load_state_dict({k[len("state."):]: v for k, v in tensors.items()})
     ctrl.versions = meta.get("versions")

@@ -8,6 +8,7 @@ forward. Then Hugging Face ``generate`` runs batched, left-padded and KV-cached 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from ..chat import ChatBatch
 from ..errors import WorkbenchError
 from ..models import model_device
 from ..vocab import Positions, check_layers, position_index
-from .controller import POOLING_POSITIONS, Controller, check_direction
+from .controller import POOLING_POSITIONS, Controller, check_direction, direction_fingerprint
 from .hooks import hook_name, steering_hooks
 
 
@@ -85,11 +86,18 @@ class SteeringPlan:
         return steering_hooks(coeffs, self.direction, self.hook, positions), info
 
 
-def controller_plan(controller: Controller, direction: Tensor, name: str = "was") -> SteeringPlan:
+def controller_plan(controller: Controller, direction: Tensor, name: str = "was",
+                    any_direction: bool = False) -> SteeringPlan:
     """Steering by a trained controller: ``coeffs = s · w · α`` (a ``per_step`` controller: :func:`per_step_plan`).
-    ``direction`` must be the one the controller was trained along (:func:`~.controller.check_direction`)."""
+    ``direction`` must be the one the controller was trained along (:func:`~.controller.check_direction`), unless
+    ``any_direction`` (an explicit override, e.g. to study transfer to another direction: logged as a warning)."""
     cfg = controller.cfg
-    check_direction(cfg, direction)
+    if not any_direction:
+        check_direction(cfg, direction)
+    elif cfg.direction_fingerprint and direction_fingerprint(direction) != cfg.direction_fingerprint:
+        logging.getLogger(__name__).warning("controller %s steers along direction %s, not the direction %s it was "
+                                            "trained along (any_direction=True)", name,
+                                            direction_fingerprint(direction), cfg.direction_fingerprint)
     if cfg.schedule == "per_step":
         return per_step_plan(controller, direction, name)
 
