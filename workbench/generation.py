@@ -1,14 +1,17 @@
 """Batched, left-padded, KV-cached generation (greedy, or seeded sampling: :mod:`workbench.decoding`) with optional
 TransformerLens hooks.
 
-Generation runs Hugging Face ``generate`` on the bridge's wrapped model: the bridge replaces the HF modules
-by its hooked components, so every hook added with ``bridge.hooks(...)`` fires on the prefill (sequence
-length = prompt length) and on each cached decoding step (sequence length 1). HF derives position ids from
-the attention mask, so left padding is exact for absolute and rotary positions alike.
+Generation runs Hugging Face ``generate`` on the plain Hugging Face model that shares the bridge's weights
+(:func:`workbench.hf_hooks.plain_model`), the hooks attached to its decoder layers under their TransformerLens
+names (:func:`workbench.hf_hooks.hf_hooks`), so every hook fires on the prefill (sequence length = prompt length)
+and on each cached decoding step (sequence length 1) without the bridge's decoding seam; hook sites with no plain
+counterpart generate through the bridge (a logged fallback). HF derives position ids from the attention mask,
+so left padding is exact for absolute and rotary positions alike.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
@@ -21,6 +24,7 @@ from .models import model_device
 from .progress import progress
 
 Hook = tuple[str, Callable]
+log = logging.getLogger(__name__)
 
 
 def eos_ids(tokenizer, model=None) -> list[int]:
@@ -121,10 +125,22 @@ def greedy_continuations(model, batch: ChatBatch, n_tokens: int, fwd_hooks: Sequ
 
 
 def _greedy(model, batch: ChatBatch, max_new_tokens: int, fwd_hooks: Sequence[Hook], **generate_kwargs):
-    """Hugging Face greedy ``generate`` on the bridge's wrapped model, ``fwd_hooks`` active throughout."""
+    """Hugging Face greedy ``generate`` with ``fwd_hooks`` active throughout: on the plain Hugging Face model that
+    shares the bridge's weights (:mod:`workbench.hf_hooks`), or, for hook sites it cannot attach, on the bridge's
+    wrapped model (a logged ``generation_engine`` fallback)."""
+    from .hf_hooks import hf_hooks, hf_sites_ok, plain_model
+
     batch = batch.to(model_device(model))
+    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
+                  do_sample=False, pad_token_id=model.tokenizer.pad_token_id, **generate_kwargs)
+    if hf_sites_ok(fwd_hooks):
+        hf = plain_model(model)
+        with torch.no_grad(), hf_hooks(hf, fwd_hooks):
+            return hf.generate(**kwargs)
+    from .fallbacks import warn_fallback
+
+    sites = sorted({name for name, _ in fwd_hooks if not hf_sites_ok([(name, None)])})
+    warn_fallback(log, "generation_engine", "hooks %s have no plain Hugging Face counterpart: generating through "
+                  "the bridge", sites[:3])
     with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
-        return model.original_model.generate(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=model.tokenizer.pad_token_id, **generate_kwargs,
-        )
+        return model.original_model.generate(**kwargs)
