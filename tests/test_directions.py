@@ -284,7 +284,8 @@ def test_direction_from_another_model_is_refused(tiny_model, tmp_path):
     same_width = wd.Direction.from_vector(tiny_model, torch.randn(64), 1, -1, "diff_in_means")
     same_width.fingerprint = "0123456789abcdef"
     same_width.save(tmp_path / "fp")
-    with pytest.raises(WorkbenchError, match="fingerprint '0123456789abcdef'"):
+    with pytest.raises(WorkbenchError, match="fingerprint '0123456789abcdef'.*find the direction on this model "
+                                             r"\(`workbench directions`\).*the command line has no override"):
         wd.Direction.load(tmp_path / "fp", model=tiny_model)
     with pytest.raises(WorkbenchError, match="fingerprint"):
         wd.actadd_hooks(tiny_model, same_width, layers=1)

@@ -183,6 +183,11 @@ def test_file_format_errors_are_one_message_and_nothing_is_dropped_silently(tmp_
     captured = capsys.readouterr()
     assert json.loads(captured.out)["n"] == {"harmful": 2}
     assert "workbench: warning:" in captured.err and "1 row(s) without a 'prompt' text and 1 repeated" in captured.err
+    # with --limit too: the cut is asked for, the rows left out are said
+    assert main(["evaluate", "--dataset", str(holes), "--limit", "1", "--max-new-tokens", "2", "--quiet", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["n"] == {"harmful": 1}
+    assert "1 row(s) without a 'prompt' text and 1 repeated prompt(s) left out; 1 prompts kept" in captured.err
 
 
 def test_a_controller_runs_only_along_the_direction_it_was_trained_with(tmp_path, caplog):
@@ -213,3 +218,104 @@ def test_a_controller_runs_only_along_the_direction_it_was_trained_with(tmp_path
     save_file(tensors, str(tmp_path / "c" / "controller.safetensors"))
     with pytest.raises(WorkbenchError, match="saved in .* was trained along direction"):
         load_controller(tmp_path / "c")
+
+
+def test_invalid_controller_files_are_one_error(tmp_path):
+    import pickle
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from workbench.steering.controller import Controller, ControllerConfig, load_controller, save_controller
+
+    good = tmp_path / "good"
+    save_controller(Controller(ControllerConfig(d_model=16, n_layers=4, input_layers=[2, 3])), torch.randn(16), good)
+    meta = json.loads((good / "controller.json").read_text())
+    tensors = load_file(str(good / "controller.safetensors"))
+
+    def variant(name, meta=meta, tensors=tensors, raw: bytes | None = None):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "controller.json").write_text(json.dumps(meta))
+        if raw is None:
+            save_file(tensors, str(d / "controller.safetensors"))
+        else:
+            (d / "controller.safetensors").write_bytes(raw)
+        return d
+
+    config = meta["config"]
+    cases = {
+        "list": (variant("list", meta=[1, 2]), "is not a controller record \\(a JSON list"),
+        "no_config": (variant("no_config", meta={k: v for k, v in meta.items() if k != "config"}),
+                      "not a valid controller: KeyError"),
+        "unknown_field": (variant("unknown_field", meta={**meta, "config": {**config, "nope": 1}}),
+                          "not a valid controller: TypeError.*nope"),
+        "bad_width": (variant("bad_width", meta={**meta, "config": {**config, "d_model": "x"}}),
+                      "not a valid controller"),
+        "no_direction": (variant("no_direction", tensors={k: v for k, v in tensors.items() if k != "direction"}),
+                         "not a valid controller: KeyError.*direction"),
+        "missing_weight": (variant("missing_weight", tensors={k: v for k, v in tensors.items()
+                                                              if k != "state.scale_head.weight"}),
+                           "its weights do not fit its config"),
+        "truncated": (variant("truncated", raw=(good / "controller.safetensors").read_bytes()[:100]),
+                      "not a valid safetensors\\+JSON controller"),
+        "pickled": (variant("pickled", raw=pickle.dumps({"direction": [1.0] * 16})),
+                    "not a valid safetensors\\+JSON controller"),
+    }
+    for name, (path, message) in cases.items():
+        with pytest.raises(WorkbenchError, match=message):
+            load_controller(path)
+
+
+def test_direction_json_fields_are_checked(tmp_path):
+    import torch
+
+    from workbench.directions import Direction
+
+    js = Direction(torch.randn(8), 1, -1, "diff_in_means", "fp", 8).save(tmp_path / "d")
+    info = json.loads(js.read_text())
+    for field, value, message in (("d_model", "x", "d_model='x' \\(a positive integer\\)"),
+                                  ("layer", "x", "layer='x' \\(an integer >= 0 or null\\)"),
+                                  ("position", 1.5, "position=1.5"), ("method", 3, "method=3"),
+                                  ("scores", [1], "scores=list")):
+        js.write_text(json.dumps({**info, field: value}))
+        with pytest.raises(WorkbenchError, match=f"has invalid field\\(s\\): {message}"):
+            Direction.load(tmp_path / "d")
+    js.write_text(json.dumps({**info, "position": None, "layer": None}))   # layer-free, pooled: valid
+    assert Direction.load(tmp_path / "d").layer is None
+
+
+def test_max_new_tokens_below_one_is_one_error(tiny_model, capsys):
+    from workbench.cli import main
+    from workbench.evaluate import evaluate_refusal
+    from workbench.generation import generate
+
+    for n in (0, -3, 2.5):
+        with pytest.raises(WorkbenchError, match=f"max_new_tokens must be an integer >= 1, got {n}"):
+            generate(tiny_model, ["hi"], max_new_tokens=n, show_progress=False)
+        with pytest.raises(WorkbenchError, match="max_new_tokens must be an integer >= 1"):
+            evaluate_refusal(tiny_model, {"benign": ["hi"]}, max_new_tokens=n, show_progress=False)
+    for option in ("--max-new-tokens", "--batch", "--repeats"):
+        with pytest.raises(SystemExit):
+            main(["bench", "steer", option, "0"])
+        assert f"{option}" in capsys.readouterr().err
+
+
+def test_patching_self_check_reports_a_nan_difference(monkeypatch, tiny_model, caplog):
+    """A NaN logit difference is a failed self-check: the fall back to the hooks engine is logged, not silent."""
+    import torch
+
+    from workbench.chat import tokenize_chat
+    from workbench.fallbacks import recording_fallbacks
+    from workbench.patching import engine
+    from workbench.patching.capture import capture_run
+
+    batch = tokenize_chat(tiny_model.tokenizer, ["hello there", "how are you today"])
+    run = capture_run(tiny_model, batch.input_ids, batch.attention_mask, resumable=True)
+    real = engine._resume_chunk
+    monkeypatch.setattr(engine, "_resume_chunk", lambda *a, **k: real(*a, **k) * float("nan"))
+    with recording_fallbacks() as events:
+        assert engine.check_resume(tiny_model, run) is False
+    assert [e["kind"] for e in events] == ["patching_engine"]
+    assert "does not reproduce the base run (max abs logit diff nan" in events[0]["message"]
+    assert run.resume_ok is False and run.resume_error != run.resume_error   # NaN kept, reported

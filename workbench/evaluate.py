@@ -120,6 +120,9 @@ def evaluate_refusal(
 def _prepared_jobs(model, prompt_sets: Mapping[str, Sequence[str]], truncate, system, max_new_tokens,
                    decoding: "Decoding") -> list[tuple[str, str, int]]:
     """The checked, context-fitted :func:`_jobs` of ``prompt_sets`` (one set-up for every evaluation path)."""
+    from .generation import check_new_tokens
+
+    check_new_tokens(max_new_tokens)
     _check_prompt_sets(prompt_sets)
     return _jobs(_fit(model, prompt_sets, truncate, system, max_new_tokens), decoding)
 

@@ -41,6 +41,13 @@ def eos_ids(tokenizer, model=None) -> list[int]:
     return sorted(ids)
 
 
+def check_new_tokens(max_new_tokens) -> int:
+    """``max_new_tokens`` as a positive int, else one :class:`WorkbenchError` (not Hugging Face's ValueError)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise WorkbenchError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    return max_new_tokens
+
+
 def generate_batch(
     model,
     batch: ChatBatch,
@@ -95,6 +102,7 @@ def generate(
     ``decoding`` says. One reply per prompt, or with ``decoding.n_samples > 1`` a list of the samples per prompt.
     A prompt too long for the model's context with ``max_new_tokens`` more is an error unless ``truncate``
     (``"left"``/``"right"``, :func:`workbench.chat.fit_prompts`)."""
+    check_new_tokens(max_new_tokens)
     n = decoding.n_samples if decoding is not None else 1
     prompts = fit_prompts(model.tokenizer, prompts, truncate, system, reply_tokens=max_new_tokens)
     jobs = [(p, k) for p in prompts for k in range(n)]

@@ -78,6 +78,8 @@ def _add_controller_args(p, out: str) -> None:
 
 
 def register(sub, bench_sub) -> None:
+    from .options import parse_positive_int
+
     p = sub.add_parser("controller", help="Weighted Activation Steering controllers (train, evaluate vs baselines)")
     csub = p.add_subparsers(dest="controller_command", required=True)
     t = csub.add_parser("train", help="train one WAS controller on train, pick its operating point on val, save it")
@@ -91,9 +93,9 @@ def register(sub, bench_sub) -> None:
     e.set_defaults(func=_eval)
 
     b = bench_sub.add_parser("steer", help="steered vs unsteered generation; batched vs per-prompt")
-    b.add_argument("--batch", type=int, default=32)
-    b.add_argument("--max-new-tokens", type=int, default=24)
-    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--batch", type=parse_positive_int, default=32)
+    b.add_argument("--max-new-tokens", type=parse_positive_int, default=24)
+    b.add_argument("--repeats", type=parse_positive_int, default=3)
     b.add_argument("--organism-only", action="store_true")
     b.add_argument("--model", default=None, help="only this model (any name load_model accepts, e.g. "
                    "smollm2-135m-instruct) on short real prompts, instead of the organism and the random Llama")

@@ -80,10 +80,11 @@ def _select(df: pd.DataFrame, column: str, label: str, limit: int | None, where:
     _require(df, column, label)
     kept = filter_rows(df, where, label, skip_missing_where)
     values = kept[column].tolist()
-    prompts = clean_prompts(values, limit, dedup)
-    if prompts and limit is None:          # nothing dropped goes unsaid (a --limit cut is asked for)
+    every = clean_prompts(values, None, dedup)
+    prompts = every[:limit] if limit is not None else every
+    if prompts:          # nothing dropped goes unsaid (the --limit cut itself is asked for)
         empty = sum(1 for v in values if _missing(v) or not str(v).strip())
-        repeated = len(values) - empty - len(prompts)
+        repeated = len(values) - empty - len(every)
         if empty or repeated:
             log.warning("%s: %d row(s) without a %r text and %d repeated prompt(s) left out; %d prompts kept",
                         label, empty, column, repeated, len(prompts))

@@ -59,6 +59,28 @@ def _jsonable(x):
     return x
 
 
+def _check_fields(info: dict, js: Path) -> None:
+    """The types of a direction JSON's fields (an edited file is one clear error, not a failure later)."""
+    def is_int(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    wrong = []
+    if not (is_int(info["d_model"]) and info["d_model"] > 0):
+        wrong.append(f"d_model={info['d_model']!r} (a positive integer)")
+    if not (info["layer"] is None or (is_int(info["layer"]) and info["layer"] >= 0)):
+        wrong.append(f"layer={info['layer']!r} (an integer >= 0 or null)")
+    if not (info["position"] is None or is_int(info["position"])):
+        wrong.append(f"position={info['position']!r} (an integer or null)")
+    for key in ("method", "fingerprint"):
+        if not isinstance(info[key], str):
+            wrong.append(f"{key}={info[key]!r} (a string)")
+    for key in ("scores", "meta"):
+        if not isinstance(info.get(key, {}), dict):
+            wrong.append(f"{key}={type(info[key]).__name__} (an object)")
+    if wrong:
+        raise WorkbenchError(f"{str(js)!r} has invalid field(s): {', '.join(wrong)}; re-save the direction")
+
+
 @dataclass
 class Direction:
     """A direction in a model's residual stream.
@@ -153,8 +175,9 @@ class Direction:
             if fp != self.fingerprint:
                 raise WorkbenchError(
                     f"direction was found on model fingerprint {self.fingerprint!r}, but this model's fingerprint is "
-                    f"{fp!r}; to use it on another model anyway, load it with Direction.load(path, model, strict=False) "
-                    "(or check_model(model, check_fingerprint=False))"
+                    f"{fp!r}; find the direction on this model (`workbench directions`), or, to study it on another model "
+                    "on purpose, load it in Python with Direction.load(path, model, strict=False) (the command "
+                    "line has no override)"
                 )
 
     # -------------------------------------------------------------------------------------- io
@@ -216,6 +239,7 @@ class Direction:
         missing = [k for k in ("layer", "position", "method", "fingerprint", "d_model") if k not in info]
         if missing:
             raise WorkbenchError(f"{str(js)!r} lacks the field(s) {missing} of a direction artifact")
+        _check_fields(info, js)
         try:
             tensors = load_file(str(st))
         except (SafetensorError, OSError, ValueError) as exc:

@@ -198,10 +198,18 @@ def load_controller(path: str | Path, model=None) -> tuple[Controller, Tensor]:
         tensors = load_file(str(weights))
     except Exception as exc:  # noqa: BLE001
         raise WorkbenchError(f"{str(path)!r} is not a valid safetensors+JSON controller: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise WorkbenchError(f"{str(meta_file)!r} is not a controller record (a JSON {type(meta).__name__}, "
+                             "expected an object)")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise WorkbenchError(f"controller format {meta.get('format_version')} is newer than this workbench ({FORMAT_VERSION})")
-    cfg = ControllerConfig(**meta["config"])
-    direction = tensors.pop("direction")
+    try:
+        cfg = ControllerConfig(**meta["config"])
+        direction = tensors.pop("direction")
+    except (TypeError, KeyError, AttributeError, ValueError) as exc:
+        raise WorkbenchError(f"{str(path)!r} is not a valid controller: {type(exc).__name__}: {exc} (its "
+                             "controller.json needs a 'config' of ControllerConfig fields, its safetensors a "
+                             "'direction' tensor)") from exc
     check_direction(cfg, direction, f"the controller saved in {str(path)!r}")
     if model is not None:
         check_compatible(cfg, direction, model)
@@ -209,8 +217,12 @@ def load_controller(path: str | Path, model=None) -> tuple[Controller, Tensor]:
         logging.getLogger(__name__).warning(
             "controller %s loaded without a model: nothing ties it to one (recorded model fingerprint %s); pass "
             "model= to check it", path, cfg.model_fingerprint or "none")
-    ctrl = Controller(cfg)
-    ctrl.load_state_dict({k[len("state."):]: v for k, v in tensors.items()})
+    try:
+        ctrl = Controller(cfg)
+        ctrl.load_state_dict({k[len("state."):]: v for k, v in tensors.items()})
+    except (TypeError, ValueError, RuntimeError, WorkbenchError) as exc:
+        raise WorkbenchError(f"{str(path)!r} is not a valid controller: its weights do not fit its config "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
     ctrl.versions = meta.get("versions")
     return ctrl.eval(), direction
 
