@@ -412,6 +412,50 @@ def test_comparison_over_seeds_retrains_only_the_seed_dependent_methods(organism
     assert result.summary["config"]["seeds"] == (0, 1)
 
 
+def test_comparison_samples_when_asked(organism_comparison):
+    """``CompareConfig.decoding``: every reply of the comparison sampled, n per prompt, rates over the samples;
+    the same seed gives the same replies; the table's replies are those of the evaluate path with that decoding
+    and the method's plan, and differ from greedy."""
+    import dataclasses
+
+    from workbench.decoding import Decoding
+    from workbench.evaluate import evaluate_refusal
+    from workbench.stages.steering import run_comparison
+
+    model, data, direction, cc, _ = organism_comparison
+    dec = Decoding(strategy="sample", temperature=1.5, n_samples=2, seed=7)
+    sc = dataclasses.replace(cc, methods=("none", "actadd"), seeds=(), alpha_grid=(0.25,), decoding=dec)
+    first = run_comparison(model, direction, data, sc, show_progress=False)
+    again = run_comparison(model, direction, data, sc, show_progress=False)
+    t = first.compare["tables"]["none"]
+    assert len(t) == 2 * 4 * len(t["category"].unique()) and sorted(t["sample"].unique()) == [0, 1]
+    assert list(t["reply"]) == list(again.compare["tables"]["none"]["reply"])
+    for name in ("none", "actadd"):
+        k, n = int(first.compare["tables"][name].query("category == 'harmful'")["refused"].sum()), 8
+        assert first.summary["methods"][name]["n"]["harmful"] == n
+        assert first.summary["methods"][name]["refusal_rate"]["harmful"] == round(k / n, 4)
+    test = data.split("test", list(t["category"].unique()))
+    direct = evaluate_refusal(model, test, sc.max_new_tokens, decoding=dec, show_progress=False).table
+    assert list(direct["reply"]) == list(t["reply"])
+    greedy = evaluate_refusal(model, test, sc.max_new_tokens, show_progress=False).table
+    assert list(greedy["reply"]) != list(t["reply"])[::2]
+    assert first.summary["config"]["decoding"]["n_samples"] == 2
+
+
+def test_comparison_decoding_options():
+    from workbench.cli import build_parser
+    from workbench.cli.options import config_from_args
+    from workbench.pipeline import RunConfig
+
+    a = build_parser().parse_args(["run", "--steering.strategy", "sample", "--steering.n-samples", "3",
+                                   "--steering.temperature", "0.7", "--steering.decoding.seed", "5",
+                                   "--steering.seed", "2"])
+    cfg = config_from_args(RunConfig, a)
+    dec = cfg.steering.decoding
+    assert (dec.strategy, dec.n_samples, dec.temperature, dec.seed, cfg.steering.seed) == ("sample", 3, 0.7, 5, 2)
+    assert cfg.evaluate.decoding.strategy == "greedy"
+
+
 def test_seeds_option_and_bad_seeds():
     from workbench.cli import build_parser
     from workbench.cli.options import config_from_args

@@ -77,7 +77,8 @@ _OPTION_NAMES: dict[str, str] = {}
 def add_config_options(parser: argparse.ArgumentParser, cls, prefix: str = "", flatten: bool = True,
                        skip: typing.Collection[str] = (), group: str | None = None) -> None:
     """Add ``--<prefix><field>`` for every field of ``cls`` (underscores as dashes). Nested configs: their
-    fields directly (``flatten``) or as ``--<nested>.<field>``. ``skip``: field paths (``"limit"``,
+    fields directly (``flatten``; a nested field whose name an outer option already has gets its full path,
+    e.g. ``--steering.decoding.seed`` beside ``--steering.seed``) or as ``--<nested>.<field>``. ``skip``: field paths (``"limit"``,
     ``"selection.batch_size"``, or ``"selection"`` for all its fields) left out."""
     target = parser.add_argument_group(group) if group else parser
     helps: dict = {}
@@ -88,6 +89,8 @@ def add_config_options(parser: argparse.ArgumentParser, cls, prefix: str = "", f
         helps.setdefault(owner, field_help(owner))
         shown = path[-1] if flatten else key
         opt = "--" + prefix + shown.replace("_", "-")
+        if opt in parser._option_string_actions:   # a nested field named like an outer one: its full path
+            opt = "--" + prefix + key.replace("_", "-")
         dest = "cfg:" + prefix + key
         _OPTION_NAMES[dest] = opt
         text = helps[owner].get(path[-1], "").replace("%", "%%")

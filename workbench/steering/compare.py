@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..chat import ChatBatch
+from ..decoding import Decoding
 from ..directions.artifact import as_vector
 from ..evaluate import Evaluation, evaluate_refusal, first_token_kl, reply_cross_entropy
 from ..prefix import PrefixCache
@@ -79,6 +80,9 @@ class CompareConfig:
     # Empty: one run with `seed`
     seeds: tuple[int, ...] = ()
     methods: tuple[str, ...] = ("none", "actadd", "actadd_layer", "cast", "official", "was_bce", "was_e2e")
+    # how every reply of the comparison (val sweeps and test) is decoded: greedy (default) or seeded sampling with
+    # temperature, top_p and n samples per prompt (workbench.decoding); rates are then over samples
+    decoding: Decoding = field(default_factory=Decoding)
     extra: dict = field(default_factory=dict)
 
 
@@ -147,7 +151,7 @@ def _pick_alpha(model, make_plan, val: Mapping[str, Sequence[str]], grid, cc: Co
     curve, best = [], None
     for a in progress(grid, "alpha sweep", show):
         rates = _rates(evaluate_refusal(model, val, cc.max_new_tokens, cc.batch_size, plan=make_plan(a),
-                                        show_progress=False, prefix_cache=prefix_cache))
+                                        show_progress=False, prefix_cache=prefix_cache, decoding=cc.decoding))
         harm = sum(rates.get(c, 0) for c in HARMFUL_LIKE) / len(HARMFUL_LIKE)
         ok = rates.get("benign", 0) <= cc.max_benign_refusal and rates.get("borderline", 0) <= cc.max_borderline_refusal
         curve.append({"alpha": a, **rates})
@@ -306,13 +310,13 @@ def compare_methods(
 
     results, tables = {}, {}
     reference = evaluate_refusal(model, test, cc.max_new_tokens, cc.batch_size, keep_logprobs=True,
-                                 show_progress=show_progress, prefix_cache=prefix)
+                                 show_progress=show_progress, prefix_cache=prefix, decoding=cc.decoding)
     ben = reference.table[reference.table["category"] == "benign"]
     ce_ref = None
     for name, plan in plans.items():
         ev = reference if plan is None else evaluate_refusal(
             model, test, cc.max_new_tokens, cc.batch_size, plan=plan, keep_logprobs=True, show_progress=show_progress,
-            prefix_cache=prefix)
+            prefix_cache=prefix, decoding=cc.decoding)
         tables[name] = ev.table.assign(method=name)
         results[name] = {"refusal_rate": _rates(ev), **_intervals(ev),
                          "kl_benign": round(first_token_kl(reference, ev, "benign"), 5)}
