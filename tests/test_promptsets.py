@@ -203,3 +203,27 @@ def test_cli_evaluate_under_a_saved_direction_or_controller_and_keeping_file_cat
     assert main(["evaluate", "--model", str(tiny_dir), "--device", "cpu", "--dataset", str(prompt_file),
                  "--max-new-tokens", "2", "--quiet", "--json", "--limit", "3"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == {"harmful": 3, "benign": 3}
+
+
+def test_the_organism_ships_a_held_out_family():
+    from workbench.organism.heldout import REPHRASINGS, WRAPPERS
+    from workbench.organism.corpus import JAILBREAK_WRAPPERS, REQUEST_TEMPLATES
+    from workbench.promptsets import load_data
+
+    data = load_data("organism")
+    held = data.heldout_sets()
+    assert set(held) == {"harmful", "jailbreak", "benign", "borderline"}
+    everywhere = {p for s in ("train", "val", "test") for c in data.categories + ["impossible"]
+                  for p in data.prompts(s, c)}
+    assert not any(p in everywhere for v in held.values() for p in v)        # used nowhere else
+    assert not set(REPHRASINGS) & set(t.replace("{verb} {obj}", "{task}") for t in REQUEST_TEMPLATES)
+    assert not {w for _, w in WRAPPERS} & {w for w, _, _ in JAILBREAK_WRAPPERS}
+    test_harmful = set(data.prompts("test", "harmful"))
+    for prompt in held["jailbreak"]:   # an unseen wrapper around a test-split harmful request
+        assert any(prompt.endswith(" " + h) for h in test_harmful)
+    assert data.describe()["heldout"]["jailbreak"] == {"jailbreak:prefix_injection": 60,
+                                                       "jailbreak:refusal_suppression": 60}
+    small = data.limited(4)
+    assert {c: len(v) for c, v in small.heldout_sets().items()} == {c: 4 for c in held}
+    assert len(small.describe()["heldout"]["jailbreak"]) == 2     # both styles kept by the limit
+    assert small.hash != data.hash and load_data("organism").hash == data.hash

@@ -412,6 +412,29 @@ def test_comparison_over_seeds_retrains_only_the_seed_dependent_methods(organism
     assert result.summary["config"]["seeds"] == (0, 1)
 
 
+def test_comparison_reports_the_held_out_family(organism_comparison):
+    """Every method is evaluated on the organism's held-out family (reworded requests, unseen jailbreak styles)
+    beside the test split; unsteered, its verdicts are those of a direct evaluation of the same prompts."""
+    from workbench.evaluate import evaluate_refusal
+    from workbench.report import headline_markdown
+
+    model, data, direction, cc, result = organism_comparison
+    held = data.heldout_sets(["harmful", "jailbreak", "benign", "borderline"])
+    assert {c: len(v) for c, v in held.items()} == {"harmful": 4, "jailbreak": 4, "benign": 4, "borderline": 4}
+    families = result.summary["heldout"]["families"]
+    assert set(families["jailbreak"]) == {"jailbreak:prefix_injection", "jailbreak:refusal_suppression"}
+    for name in ("none", "actadd", "was_bce"):
+        h = result.summary["methods"][name]["heldout"]
+        assert h["n"] == {"harmful": 4, "jailbreak": 4, "benign": 4, "borderline": 4}
+    direct = evaluate_refusal(model, held, cc.max_new_tokens, show_progress=False).table
+    got = result.compare["heldout_tables"]["none"]
+    assert list(got["prompt"]) == list(direct["prompt"]) and list(got["refused"]) == list(direct["refused"])
+    rates = result.summary["methods"]["none"]["heldout"]["refusal_rate"]
+    assert rates["harmful"] == round(direct.query("category == 'harmful'")["refused"].mean(), 4)
+    md = "\n".join(headline_markdown({"model": "organism", "steering": result.summary}))
+    assert "Generalisation: the test split beside the held-out family" in md and "harmful held-out" in md
+
+
 def test_comparison_samples_when_asked(organism_comparison):
     """``CompareConfig.decoding``: every reply of the comparison sampled, n per prompt, rates over the samples;
     the same seed gives the same replies; the table's replies are those of the evaluate path with that decoding

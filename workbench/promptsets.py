@@ -68,12 +68,16 @@ class PromptSets:
             organism ships some); without them patching pairs harmful and benign prompts of equal length itself.
         auxiliary: categories whose rows serve only as held-out conversations (their replies), not as prompt sets
             the stages evaluate (the organism's ``impossible`` requests); :attr:`categories` leaves them out.
+        heldout: an optional held-out family for generalisation (test-split requests reworded or wrapped in
+            unseen jailbreak styles; ``source`` names the family, e.g. ``"rephrased"``, ``"jailbreak:<style>"``):
+            evaluated beside the test split by the steering comparison, used nowhere else (:meth:`heldout_sets`).
     """
 
     rows: tuple[PromptRow, ...]
     source: str = "prompts"
     pairs: tuple[tuple[str, str], ...] = ()
     auxiliary: tuple[str, ...] = ()
+    heldout: tuple[PromptRow, ...] = ()
     _index: dict = field(default=None, init=False, repr=False, compare=False)
     _overlap: int = field(default=0, init=False, repr=False, compare=False)
 
@@ -110,10 +114,15 @@ class PromptSets:
         from .models import organism_dir
         from .patching.pairs import read_pairs
 
-        rows = [PromptRow(r["prompt"], r["category"], s, r.get("reply")) for s in SPLITS for r in organism_rows(s)]
+        from .organism.heldout import heldout_rows
+
+        by_split = {s: organism_rows(s) for s in SPLITS}
+        rows = [PromptRow(r["prompt"], r["category"], s, r.get("reply")) for s in SPLITS for r in by_split[s]]
         pairs_file = organism_dir() / "pairs.jsonl"
         pairs = tuple(zip(*read_pairs(pairs_file))) if pairs_file.exists() else ()
-        return cls(tuple(rows), "organism", pairs, auxiliary=("impossible",))
+        heldout = tuple(PromptRow(r["prompt"], r["category"], "test", source=r["family"])
+                        for r in heldout_rows(by_split["test"]))
+        return cls(tuple(rows), "organism", pairs, auxiliary=("impossible",), heldout=heldout)
 
     @classmethod
     def from_rows(cls, rows: Iterable[Mapping], source: str = "rows", category: str | None = None,
@@ -205,6 +214,14 @@ class PromptSets:
         cats = self.categories if categories is None else list(categories)
         return {c: self.prompts(split, c, limit) for c in cats if self._index[split].get(c)}
 
+    def heldout_sets(self, categories: Sequence[str] | None = None) -> dict[str, list[str]]:
+        """``{category: prompts}`` of the :attr:`heldout` family (standard categories first; ``{}`` without one)."""
+        by: dict[str, list[str]] = {}
+        for r in self.heldout:
+            by.setdefault(r.category, []).append(r.prompt)
+        order = [c for c in CATEGORIES if c in by] + [c for c in by if c not in CATEGORIES]
+        return {c: by[c] for c in order if categories is None or c in categories}
+
     def rows_of(self, split: str) -> list[dict]:
         """Rows of one split as dicts (``prompt``, ``category``, ``split``, ``reply`` when known), source order."""
         return [r.as_dict() for r in self.rows if r.split == split]
@@ -216,22 +233,34 @@ class PromptSets:
             return self
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise WorkbenchError(f"limit must be a positive number of prompts, got {limit!r}")
-        count: dict = {}
-        kept = []
-        for r in self.rows:
-            k = (r.split, r.category)
-            count[k] = count.get(k, 0) + 1
-            if count[k] <= limit:
-                kept.append(r)
-        return PromptSets(tuple(kept), f"{self.source} (first {limit} per split and category)", self.pairs,
-                          self.auxiliary)
+        def first(rows):
+            count: dict = {}
+            kept = []
+            for r in rows:
+                k = (r.split, r.category)
+                count[k] = count.get(k, 0) + 1
+                if count[k] <= limit:
+                    kept.append(r)
+            return tuple(kept)
+
+        def spread(rows):   # the held-out family: evenly over each category's rows (its styles are in blocks)
+            by: dict = {}
+            for r in rows:
+                by.setdefault(r.category, []).append(r)
+            return tuple(r for v in by.values() for r in
+                         (v if len(v) <= limit else [v[i * len(v) // limit] for i in range(limit)]))
+
+        return PromptSets(first(self.rows), f"{self.source} (first {limit} per split and category)", self.pairs,
+                          self.auxiliary, spread(self.heldout))
 
     @property
     def hash(self) -> str:
         """sha256 over the rows and pairs (content, not source): equal data, equal hash."""
-        blob = json.dumps({"rows": [r.as_dict() for r in self.rows], "pairs": [list(p) for p in self.pairs],
-                           "auxiliary": list(self.auxiliary)},
-                          sort_keys=True, ensure_ascii=False)
+        content = {"rows": [r.as_dict() for r in self.rows], "pairs": [list(p) for p in self.pairs],
+                   "auxiliary": list(self.auxiliary)}
+        if self.heldout:   # data without a held-out family hashes as before
+            content["heldout"] = [r.as_dict() for r in self.heldout]
+        blob = json.dumps(content, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def describe(self) -> dict:
@@ -241,6 +270,12 @@ class PromptSets:
         n = {s: {c: len(v) for c, v in self._index[s].items()} for s in SPLITS}
         out = {"source": self.source, "hash": self.hash[:16], "n": n, "pairs": len(self.pairs),
                "overlap": self._overlap}
+        if self.heldout:
+            fam: dict = {}
+            for r in self.heldout:
+                per = fam.setdefault(r.category, {})
+                per[r.source] = per.get(r.source, 0) + 1
+            out["heldout"] = fam
         if any(r.source is not None for r in self.rows):
             sources: dict = {s: {} for s in SPLITS}
             for r in self.rows:

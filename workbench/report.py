@@ -52,6 +52,31 @@ def _rates_table(methods: dict) -> list[str]:
     return lines
 
 
+def _heldout_table(methods: dict, families: dict | None = None) -> list[str]:
+    """Each method's refusal on the test split beside the held-out family (same plans, same operating points)."""
+    held = {m: r["heldout"] for m, r in methods.items() if r.get("heldout")}
+    if not held:
+        return []
+    cats = [c for c in CATEGORY_COLUMNS if any(c in h.get("refusal_rate", {}) for h in held.values())]
+    lines = ["## Generalisation: the test split beside the held-out family", "",
+             "The same plans at the same operating points (picked on val) on prompts used nowhere else: "
+             "test-split requests reworded, and wrapped in jailbreak styles absent from training and selection"
+             + (f" ({', '.join(f'{c}: ' + ', '.join(f'{k} {v}' for k, v in f.items()) for c, f in families.items())})"
+                if families else "") + ".", "",
+             "| method | " + " | ".join(f"{c} test | {c} held-out" for c in cats) + " |",
+             "|---" * (2 * len(cats) + 1) + "|"]
+    for name, h in held.items():
+        r = methods[name]
+        cells = []
+        for c in cats:
+            for src in (r, h):
+                rate = src.get("refusal_rate", {}).get(c)
+                cells.append("-" if rate is None else
+                             rate_with_interval(rate, src.get("refusal_ci", {}).get(c), src.get("n", {}).get(c)))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _p(p: float) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
@@ -120,6 +145,9 @@ def headline_markdown(summary: dict) -> list[str]:
         out += ["## Weighted Activation Steering vs baselines (test split)", ""] + _rates_table(s["methods"]) + [""]
         if s.get("paired"):
             out += _paired_table(s["paired"]) + [""]
+        held = _heldout_table(s["methods"], (s.get("heldout") or {}).get("families"))
+        if held:
+            out += held + [""]
         if s.get("seeds"):
             out += _seeds_table(s["seeds"]) + [""]
     for stage in ("patching", "sparsity"):
@@ -174,6 +202,7 @@ PUBLISHED_DATA = (
     "steering/steering.json",
     "steering/alpha_curves.csv",
     "steering/steering_generations.jsonl",
+    "steering/steering_heldout_generations.jsonl",
 )
 
 

@@ -22,6 +22,8 @@ from ..steering.compare import CompareConfig, compare_seeds
 from .base import Result, Stage
 
 GENERATIONS = "steering_generations.jsonl"
+#: every reply on the data's held-out family (when it has one)
+HELDOUT_GENERATIONS = "steering_heldout_generations.jsonl"
 
 #: the steering stage's config (defaults of ``workbench controller eval`` and ``workbench run``)
 SteeringConfig = CompareConfig
@@ -43,6 +45,9 @@ class SteeringResult(Result):
             for name, ctrl in res["controllers"].items():   # each at its operating point (cfg.alpha, picked on val)
                 save_controller(ctrl, res["controller_directions"][name], out / "controllers" / name)
             pd.concat(list(res["tables"].values())).to_json(out / GENERATIONS, orient="records", lines=True)
+            if res.get("heldout_tables"):
+                pd.concat(list(res["heldout_tables"].values())).to_json(out / HELDOUT_GENERATIONS,
+                                                                         orient="records", lines=True)
             res["curves"].to_csv(out / "alpha_curves.csv", index=False)
         (out / "steering.json").write_text(json.dumps(self.summary, indent=2, default=str))
         return Result(self.summary).save(out)
@@ -73,9 +78,11 @@ def run_comparison(model, direction, data, cc: CompareConfig | None = None,
         data.require(split, "harmful", "benign")
     splits = {s: data.split(s, CATEGORIES) for s in ("train", "val", "test")}
     res = compare_seeds(model, direction, int(direction.layer), splits["train"], splits["val"], splits["test"],
-                        alpha_unit=alpha_unit, cc=cc,
-                        show_progress=show_progress, store=store)
+                        alpha_unit=alpha_unit, cc=cc, show_progress=show_progress, store=store,
+                        heldout=data.heldout_sets(CATEGORIES) or None)
     summary = {"methods": res["methods"], "paired": res["paired"], "choices": res["choices"],
+               "heldout": ({"families": data.describe().get("heldout"), "paired": res["heldout_paired"]}
+                           if "heldout_tables" in res else None),
                "direction": {"layer": direction.layer, "position": direction.position, "method": direction.method,
                              "alpha_unit": round(alpha_unit, 4)},
                "config": asdict(cc)}

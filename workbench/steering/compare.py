@@ -80,6 +80,8 @@ class CompareConfig:
     # Empty: one run with `seed`
     seeds: tuple[int, ...] = ()
     methods: tuple[str, ...] = ("none", "actadd", "actadd_layer", "cast", "official", "was_bce", "was_e2e")
+    # also evaluate every method on the data's held-out family (PromptSets.heldout), when it has one
+    heldout: bool = True
     # how every reply of the comparison (val sweeps and test) is decoded: greedy (default) or seeded sampling with
     # temperature, top_p and n samples per prompt (workbench.decoding); rates are then over samples
     decoding: Decoding = field(default_factory=Decoding)
@@ -192,8 +194,10 @@ def compare_methods(
     cc: CompareConfig | None = None,
     show_progress: bool = True,
     store=None,
+    heldout: Mapping[str, Sequence[str]] | None = None,
 ) -> dict:
-    """Train WAS controllers, tune baselines on ``val`` and evaluate everything on ``test``.
+    """Train WAS controllers, tune baselines on ``val`` and evaluate everything on ``test`` (and on ``heldout``,
+    a held-out family of reworded / unseen-style prompts, when given and ``cc.heldout``).
 
     Args:
         direction: the refusal direction (a :class:`~workbench.directions.Direction`, checked against ``model``,
@@ -210,7 +214,9 @@ def compare_methods(
         "curves": DataFrame, "controllers": {name: Controller}, "controller_directions": {name: the unit vector
         that controller was trained with, to save beside it}, "choices": {...}, "paired": [...]}``; each method's
         entry also has ``"refusal_ci": {category: [lo, hi]}`` (Wilson 95 %) and ``"n": {category: prompts}``, and
-        ``paired`` holds :func:`paired_tests` of the test verdicts.
+        ``paired`` holds :func:`paired_tests` of the test verdicts. With ``heldout``: each method's entry gains
+        ``"heldout": {"refusal_rate", "refusal_ci", "n"}`` and the result ``"heldout_tables": {name: DataFrame}``
+        and ``"heldout_paired"``, the same plans (operating points picked on val) on the held-out prompts.
     """
     cc = cc or CompareConfig()
     n = int(model.cfg.n_layers)
@@ -329,10 +335,19 @@ def compare_methods(
     if ce_ref is not None:
         for r in results.values():
             r["ce_benign_delta"] = round(r["ce_benign"] - ce_ref, 5)
+    extra = {}
+    if heldout and cc.heldout:
+        held = {}
+        for name, plan in progress(list(plans.items()), "held-out family", show_progress):
+            ev = evaluate_refusal(model, heldout, cc.max_new_tokens, cc.batch_size, plan=plan, show_progress=False,
+                                  decoding=cc.decoding)
+            held[name] = ev.table.assign(method=name)
+            results[name]["heldout"] = {"refusal_rate": _rates(ev), **_intervals(ev)}
+        extra = {"heldout_tables": held, "heldout_paired": paired_tests(held)}
     choices["prefix_cache"] = prefix.stats()
     return {"methods": results, "tables": tables, "curves": pd.concat(curves) if curves else pd.DataFrame(),
             "controllers": controllers, "controller_directions": controller_directions, "choices": choices,
-            "paired": paired_tests(tables)}
+            "paired": paired_tests(tables), **extra}
 
 
 #: methods whose test result does not depend on the training seed (nothing is trained and decoding is greedy);
@@ -350,7 +365,8 @@ def seed_free_methods(cc: CompareConfig) -> tuple[str, ...]:
 
 
 def compare_seeds(model, direction, layer: int, train, val, test, alpha_unit: float,
-                  cc: CompareConfig | None = None, show_progress: bool = True, store=None) -> dict:
+                  cc: CompareConfig | None = None, show_progress: bool = True, store=None,
+                  heldout: Mapping[str, Sequence[str]] | None = None) -> dict:
     """:func:`compare_methods` under each seed of ``cc.seeds`` (arguments as there; empty ``seeds``: ``cc.seed``).
 
     The first seed runs every method and gives the tables, controllers, curves and paired tests; each further seed
@@ -365,7 +381,8 @@ def compare_seeds(model, direction, layer: int, train, val, test, alpha_unit: fl
     if len(set(seeds)) != len(seeds):
         raise WorkbenchError(f"seeds must be distinct, got {list(cc.seeds)}")
     args = (model, direction, layer, train, val, test, alpha_unit)
-    first = compare_methods(*args, cc=replace(cc, seed=seeds[0]), show_progress=show_progress, store=store)
+    first = compare_methods(*args, cc=replace(cc, seed=seeds[0]), show_progress=show_progress, store=store,
+                            heldout=heldout)
     if len(seeds) == 1:
         return first
     free = seed_free_methods(cc)
