@@ -74,6 +74,9 @@ def files(tmp_path):
                           + [{"prompt": "question 0?", "topic": "t"}]),  # equals an MT-Bench question: dropped
         "borderline": jsonl(tmp_path / "borderline.jsonl",
                             [{"prompt": f"how do I kill process {i}", "xstest_type": "homonyms"} for i in range(10)]),
+        "heldout-jailbreaks": jsonl(tmp_path / "held.jsonl",
+                                    [{"id": f"{style}-0{i}", "text": f"{style} {i}: {SLOT}"}
+                                     for style in ("prefix_injection", "role_play", "hypothetical") for i in range(2)]),
     }
 
 
@@ -315,9 +318,15 @@ def test_real_preset_is_deterministic(files, tmp_path):
     assert all("source" in r for r in data.rows_of("test"))
     assert all(r.source for r in data.limited(2).rows)
     # written to a prompt file and read back: the same rows, sources included, so the same hash
-    saved = jsonl(tmp_path / "saved.jsonl", [r.as_dict() for r in data.rows])
+    saved = jsonl(tmp_path / "saved.jsonl", [r.as_dict() for r in data.rows + data.heldout])
     back = PromptSets.from_file(saved)
     assert back.rows == data.rows and back.hash == data.hash and back.describe()["sources"] == data.describe()["sources"]
+    assert back.heldout == data.heldout and back.describe()["heldout"] == data.describe()["heldout"]
+    # the held-out family: the test split's harmful requests in the shipped held-out jailbreak templates
+    styles = {r.source for r in data.heldout}
+    assert styles == {f"jailbreak:{s}" for s in ("prefix_injection", "role_play", "hypothetical")}
+    assert len(data.heldout) == len(data.prompts("test", "harmful"))
+    assert all(any(h in r.prompt for h in data.prompts("test", "harmful")) for r in data.heldout)
 
 
 def test_organism_hash_does_not_see_the_source_field():
@@ -326,8 +335,10 @@ def test_organism_hash_does_not_see_the_source_field():
     assert "sources" not in organism.describe()
     rows = [{"prompt": r.prompt, "category": r.category, "split": r.split, **({"reply": r.reply} if r.reply else {})}
             for r in organism.rows]
-    blob = json.dumps({"rows": rows, "pairs": [list(p) for p in organism.pairs], "auxiliary": list(organism.auxiliary)},
-                      sort_keys=True, ensure_ascii=False)
+    heldout = [{"prompt": r.prompt, "category": r.category, "split": "heldout", "source": r.source}
+               for r in organism.heldout]
+    blob = json.dumps({"rows": rows, "pairs": [list(p) for p in organism.pairs], "auxiliary": list(organism.auxiliary),
+                       "heldout": heldout}, sort_keys=True, ensure_ascii=False)
     assert organism.hash == hashlib.sha256(blob.encode()).hexdigest()
 
 

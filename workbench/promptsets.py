@@ -34,6 +34,8 @@ from .vocab import CATEGORIES, SPLITS
 log = logging.getLogger(__name__)
 
 DEFAULT_FRACTIONS = (0.6, 0.2, 0.2)
+#: the ``split`` of a held-out family's rows (:attr:`PromptSets.heldout`; a prompt file may carry them too)
+HELDOUT = "heldout"
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,9 @@ class PromptSets:
         auxiliary: categories whose rows serve only as held-out conversations (their replies), not as prompt sets
             the stages evaluate (the organism's ``impossible`` requests); :attr:`categories` leaves them out.
         heldout: an optional held-out family for generalisation (test-split requests reworded or wrapped in
-            unseen jailbreak styles; ``source`` names the family, e.g. ``"rephrased"``, ``"jailbreak:<style>"``):
-            evaluated beside the test split by the steering comparison, used nowhere else (:meth:`heldout_sets`).
+            unseen jailbreak styles; split ``"heldout"``, ``source`` names the family, e.g. ``"rephrased"``,
+            ``"jailbreak:<style>"``): evaluated beside the test split by the steering comparison, used nowhere
+            else (:meth:`heldout_sets`). In a prompt file: rows with ``split`` ``"heldout"``.
     """
 
     rows: tuple[PromptRow, ...]
@@ -82,6 +85,9 @@ class PromptSets:
     _overlap: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        bad = [r for r in self.heldout if r.split != HELDOUT]
+        if bad:
+            raise WorkbenchError(f"{self.source}: held-out rows must have split {HELDOUT!r}, got {bad[0].split!r}")
         if not self.rows:
             raise WorkbenchError(f"the prompt data from {self.source} has no prompts")
         index: dict[str, dict[str, list[str]]] = {s: {} for s in SPLITS}
@@ -120,7 +126,7 @@ class PromptSets:
         rows = [PromptRow(r["prompt"], r["category"], s, r.get("reply")) for s in SPLITS for r in by_split[s]]
         pairs_file = organism_dir() / "pairs.jsonl"
         pairs = tuple(zip(*read_pairs(pairs_file))) if pairs_file.exists() else ()
-        heldout = tuple(PromptRow(r["prompt"], r["category"], "test", source=r["family"])
+        heldout = tuple(PromptRow(r["prompt"], r["category"], HELDOUT, source=r["family"])
                         for r in heldout_rows(by_split["test"]))
         return cls(tuple(rows), "organism", pairs, auxiliary=("impossible",), heldout=heldout)
 
@@ -151,12 +157,12 @@ class PromptSets:
             origin = origin.strip() if isinstance(origin, str) and origin.strip() else None
             (parsed if split is not None else unsplit).append((prompt.strip(), cat.strip(), split, reply, origin))
         parsed += assign_splits(unsplit, seed, fractions)
-        seen, out = set(), []
+        seen, out, heldout = set(), [], []
         for p in parsed:
             if p not in seen:
                 seen.add(p)
-                out.append(PromptRow(*p))
-        return cls(tuple(out), source)
+                (heldout if p[2] == HELDOUT else out).append(PromptRow(*p))
+        return cls(tuple(out), source, heldout=tuple(heldout))
 
     @classmethod
     def from_prompts(cls, prompts: Mapping[str, Sequence[str]], source: str = "prompts", seed: int = 0,

@@ -44,7 +44,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..errors import WorkbenchError
-from ..promptsets import PromptRow, PromptSets, assign_splits, split_key
+from ..promptsets import HELDOUT, PromptRow, PromptSets, assign_splits, split_key
 from ..vocab import CATEGORIES, SPLITS
 from .fetched import data_file, fetch_data, shipped_file
 from .prompts import _check_limit, _missing, _require, _select, clean_prompts, filter_rows, load_prompts
@@ -224,7 +224,7 @@ def load_mtbench(path: str | os.PathLike | None = None, turn: int = 1, categorie
 def real_files() -> dict[str, Path]:
     """The files of the ``real`` preset: the shipped prompt files (checked first, one error naming the missing
     ones) and the fetched data files (fetched when not in the cache)."""
-    shipped = {name: shipped_file(name) for name in ("harmless", "borderline")}
+    shipped = {name: shipped_file(name) for name in ("harmless", "borderline", "heldout-jailbreaks")}
     missing = [str(p) for p in shipped.values() if not p.is_file()]
     if missing:
         raise WorkbenchError(f"the 'real' prompt data needs the prompt files shipped with workbench, missing here: "
@@ -245,7 +245,9 @@ def build_real_prompt_sets(files: Mapping[str, str | os.PathLike], seed: int = 0
     Args:
         files: a path for each of :data:`REAL_FILES`: ``harmbench-test``, ``harmbench-val`` (HarmBench CSVs),
             ``strongreject`` (CSV), ``gptfuzzer`` (CSV), ``mtbench`` (question JSONL), ``harmless`` and
-            ``borderline`` (JSONL or another table with a ``prompt`` column).
+            ``borderline`` (JSONL or another table with a ``prompt`` column); optionally ``heldout-jailbreaks``
+            (the held-out template file, :func:`load_heldout_jailbreaks`): the test split's harmful requests in
+            those templates become the data's held-out family (:attr:`PromptSets.heldout`; none without it).
         seed: the seed of the hash splits and of the template assignment.
     """
     missing = [n for n in REAL_FILES if n not in files]
@@ -280,4 +282,11 @@ def build_real_prompt_sets(files: Mapping[str, str | os.PathLike], seed: int = 0
 
     rank = {c: i for i, c in enumerate(CATEGORIES)}
     rows.sort(key=lambda r: (rank[r[1]], SPLITS.index(r[2]), split_key(r[0], seed)))
-    return PromptSets(tuple(PromptRow(*r) for r in rows), "real")
+    # the held-out family: the test split's harmful requests in the shipped held-out jailbreak templates (styles
+    # absent from GPTFuzzer's), for the steering comparison's generalisation table only
+    test_harmful = [r[0] for r in rows if r[1] == "harmful" and r[2] == "test"]
+    held_file = files.get("heldout-jailbreaks")
+    heldout = tuple(PromptRow(p, "jailbreak", HELDOUT, None, f"jailbreak:{tid.split('-')[0]}")
+                    for tid, _, p in jailbreak_rows(load_heldout_jailbreaks(held_file), test_harmful, seed)
+                    ) if held_file is not None and test_harmful else ()
+    return PromptSets(tuple(PromptRow(*r) for r in rows), "real", heldout=heldout)
