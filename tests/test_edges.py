@@ -319,3 +319,35 @@ def test_patching_self_check_reports_a_nan_difference(monkeypatch, tiny_model, c
     assert [e["kind"] for e in events] == ["patching_engine"]
     assert "does not reproduce the base run (max abs logit diff nan" in events[0]["message"]
     assert run.resume_ok is False and run.resume_error != run.resume_error   # NaN kept, reported
+
+
+def test_more_damaged_inputs_are_one_message(tmp_path, capsys):
+    """A pickled direction through `workbench patch --direction`, a non-UTF-8 plain-text prompt file, a truncated
+    direction JSON, and an over-long prompt on a GPT-2 model (once a raw IndexError): each one clear error."""
+    import pickle
+
+    import torch
+
+    from workbench import load_model
+    from workbench.chat import tokenize_chat
+    from workbench.cli import main
+    from workbench.directions import Direction
+    from workbench.testing import make_tiny_chat_model
+
+    bad = tmp_path / "bad"
+    (tmp_path / "bad.safetensors").write_bytes(pickle.dumps({"vector": [0.0] * 128}))
+    (tmp_path / "bad.json").write_text("{}")
+    assert main(["patch", "--direction", str(bad), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "workbench: error:" in err and "Traceback" not in err
+    text = tmp_path / "prompts.txt"
+    text.write_bytes(b"hello\n\xff\xfe bad bytes\n")
+    assert main(["cache", "compute", "--prompts", str(text), "--root", str(tmp_path / "store"), "--quiet"]) == 2
+    assert "is not UTF-8 text" in capsys.readouterr().err
+    js = Direction(torch.randn(8), 1, -1, "diff_in_means", "fp", 8).save(tmp_path / "d")
+    js.write_text(js.read_text()[:40])
+    with pytest.raises(WorkbenchError, match="is not valid JSON"):
+        Direction.load(tmp_path / "d")
+    gpt2 = load_model(str(make_tiny_chat_model(tmp_path / "gpt2", family="gpt2")), device="cpu")
+    with pytest.raises(WorkbenchError, match="longer than the model's context"):
+        tokenize_chat(gpt2.tokenizer, ["word " * 5000])
