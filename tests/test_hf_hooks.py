@@ -167,3 +167,32 @@ def test_every_family_generates_the_bridge_tokens(family, tmp_path):
     hooks = [("blocks.0.hook_resid_pre", add), ("blocks.1.hook_resid_post", add), ("blocks.1.hook_attn_out", add)]
     assert torch.equal(plain_generate(model, batch, 8, hooks), bridge_generate(model, batch, 8, hooks))
     assert torch.equal(plain_generate(model, batch, 8, []), bridge_generate(model, batch, 8, []))
+
+
+def test_the_official_per_step_plan_generates_the_official_loops_tokens(organism):
+    """The workbench's per-step (official) plan, per prompt and batched, against the peer loop written after the
+    official code's structure (hooks on the plain HF layers, per-prompt generate): the same tokens."""
+    from workbench.bench.official_loop import official_loop
+    from workbench.steering.controller import Controller
+    from workbench.steering.official import official_controller_config
+    from workbench.steering.steer import controller_plan
+
+    cfg = official_controller_config(organism)
+    torch.manual_seed(0)
+    ctrl = Controller(cfg).eval()
+    d = torch.randn(int(organism.cfg.d_model))
+    d = d / d.norm()
+    with torch.no_grad():   # a controller whose steering changes replies
+        ctrl.head.bias.copy_(torch.tensor([30.0] + [0.0] * cfg.n_layers))
+    plan = controller_plan(ctrl, d, "official")
+    peer = official_loop(plain_model(organism), organism.tokenizer, PROMPTS, ctrl, d, 10, scale=cfg.alpha)
+    unsteered = []
+    for prompt, ref in zip(PROMPTS, peer):
+        b = tokenize_chat(organism.tokenizer, [prompt])
+        hooks, _ = plan.hooks_for(organism, b)
+        assert plain_generate(organism, b, 10, hooks)[0].tolist() == ref
+        unsteered.append(plain_generate(organism, b, 10, [])[0].tolist())
+    assert unsteered != peer
+    batch = tokenize_chat(organism.tokenizer, PROMPTS)
+    hooks, _ = plan.hooks_for(organism, batch)
+    assert plain_generate(organism, batch, 10, hooks).tolist() == peer

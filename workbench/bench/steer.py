@@ -1,4 +1,5 @@
-"""``workbench bench steer``: steered vs unsteered generation, batched vs per-prompt, in one process.
+"""``workbench bench steer``: steered vs unsteered generation, batched vs per-prompt, and the official Guiding
+Giants per-prompt loop (:mod:`.official_loop`, the peer) on the same prompts, in one process.
 
 Every run generates exactly ``max_new_tokens`` tokens (``min_new_tokens`` pins the length), so the timings
 compare the same work. The steered run includes the controller's clean prefill. The steering is that of a freshly
@@ -18,8 +19,11 @@ import torch
 from ..chat import tokenize_chat
 from ..directions.artifact import unit
 from ..generation import generate_batch
+from ..hf_hooks import plain_model
 from ..steering.controller import Controller, ControllerConfig
+from ..steering.official import official_controller_config
 from ..steering.steer import controller_plan
+from .official_loop import official_loop
 
 
 def _time(fn, repeats: int) -> float:
@@ -58,20 +62,52 @@ def bench_steer_model(model, prompts: list[str], max_new_tokens: int = 24, repea
             hooks, _ = plan.hooks_for(model, b)
             generate_batch(model, b, fwd_hooks=hooks, **fixed)
 
+    # the official method (per-step controller, final-layer patch) through the workbench, and its peer loop
+    ocfg = official_controller_config(model)
+    torch.manual_seed(0)
+    octrl = Controller(ocfg).eval()
+    oplan = controller_plan(octrl, unit(direction), "official")
+    hf = plain_model(model)
+
+    def official_batched():
+        hooks, _ = oplan.hooks_for(model, batch)
+        generate_batch(model, batch, fwd_hooks=hooks, **fixed)
+
+    def official_per_prompt():
+        for b in singles:
+            hooks, _ = oplan.hooks_for(model, b)
+            generate_batch(model, b, fwd_hooks=hooks, **fixed)
+
+    def official_peer():
+        official_loop(hf, model.tokenizer, prompts, octrl, unit(direction), max_new_tokens, scale=ocfg.alpha)
+
     t_un = _time(unsteered, repeats)
     t_st = _time(steered, repeats)
     t_pp = _time(per_prompt, per_prompt_repeats)
+    t_ob = _time(official_batched, repeats)
+    t_op = _time(official_per_prompt, per_prompt_repeats)
+    t_peer = _time(official_peer, per_prompt_repeats)
     return {
         "batch": len(prompts), "max_new_tokens": max_new_tokens,
         "seconds": {"unsteered_batched": round(t_un, 4), "steered_batched": round(t_st, 4),
-                    "steered_per_prompt": round(t_pp, 4)},
+                    "steered_per_prompt": round(t_pp, 4), "official_batched": round(t_ob, 4),
+                    "official_per_prompt": round(t_op, 4), "official_loop_peer": round(t_peer, 4)},
         "ratio_steered_vs_unsteered": round(t_st / t_un, 3),
+        "ratio_official_steered_vs_unsteered": round(t_ob / t_un, 3),
         "speedup_batched_vs_per_prompt": round(t_pp / t_st, 2),
+        # goals of the steering-evaluation issue: per-prompt >= 1x the official loop, batched >= 10x
+        "speedup_per_prompt_vs_official_loop": round(t_peer / t_op, 3),
+        "speedup_batched_vs_official_loop": round(t_peer / t_ob, 2),
         "steering": {"plan": "controller_plan: coefficients s*w*alpha on resid_pre of every layer",
                      "controller": f"freshly initialised (untrained, torch seed 0), input {cfg.input_hook} of layers "
                                    f"{cfg.input_layers}, pooling {cfg.pooling}, alpha {cfg.alpha}",
                      "direction": "random unit vector (torch seed 0)"},
     }
+
+
+#: the ratios repeated at the top of the JSON (of the organism, else the first model)
+HEADLINE = ("ratio_steered_vs_unsteered", "ratio_official_steered_vs_unsteered", "speedup_batched_vs_per_prompt",
+            "speedup_per_prompt_vs_official_loop", "speedup_batched_vs_official_loop")
 
 
 def _word_prompts(n: int) -> list[str]:
@@ -94,9 +130,7 @@ def bench_steer(batch: int = 32, max_new_tokens: int = 24, repeats: int = 3, ran
 
         prompts, source = model_prompts(batch, _word_prompts)
         res = bench_steer_model(load_model(model, device="cpu"), prompts, max_new_tokens, repeats)
-        return {"model": model, "ratio_steered_vs_unsteered": res["ratio_steered_vs_unsteered"],
-                "speedup_batched_vs_per_prompt": res["speedup_batched_vs_per_prompt"], "models": {model: res},
-                "prompts": source}
+        return {"model": model, **{k: res[k] for k in HEADLINE}, "models": {model: res}, "prompts": source}
     out = {}
     try:
         organism = load_model("organism", device="cpu")
@@ -113,5 +147,4 @@ def bench_steer(batch: int = 32, max_new_tokens: int = 24, repeats: int = 3, ran
     head = out.get("organism", {})
     if "ratio_steered_vs_unsteered" not in head:
         head = out.get("random_llama_512x8", {})
-    return {"ratio_steered_vs_unsteered": head.get("ratio_steered_vs_unsteered"),
-            "speedup_batched_vs_per_prompt": head.get("speedup_batched_vs_per_prompt"), "models": out}
+    return {**{k: head.get(k) for k in HEADLINE}, "models": out}
