@@ -26,7 +26,7 @@ run: $(STAMP)
 
 # the committed figures/: the main job on the organism, published (figures, report, data tables)
 figures: $(STAMP)
-	$(VENV)/bin/workbench run --out runs/organism --publish figures
+	$(VENV)/bin/workbench run --out runs/organism --steering.seeds 0,1,2 --publish figures
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

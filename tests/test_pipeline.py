@@ -152,6 +152,9 @@ def test_report_only_rebuilds_from_the_stage_records(tmp_path, monkeypatch):
     assert json.loads((out / "summary.json").read_text()) == rebuilt
     md = (out / "report.md").read_text()
     assert "evaluate figure" in md and "| harmful | 50.0 %" in md
+    (out / "notes.md").write_text("Target: harmful >= 80 %: not met (50 %).\n")
+    rebuild_report(out)
+    assert "## Notes (written for this run)\n\nTarget: harmful >= 80 %: not met (50 %)." in (out / "report.md").read_text()
     monkeypatch.chdir(tmp_path)
     assert main(["run", "--report-only", "--out", str(out), "--quiet"]) == 0
     assert (out / "report.html").exists()

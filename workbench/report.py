@@ -166,10 +166,18 @@ def headline_markdown(summary: dict) -> list[str]:
     return out
 
 
+#: a run directory's hand-written notes, placed in its report after the numbers (``--report-only`` refreshes it)
+NOTES = "notes.md"
+
+
 def write_report(summary: dict, figures: list[tuple[str, str, Path]], out_dir: Path) -> dict[str, Path]:
-    """Write ``report.md`` (figures as PNG links) and ``report.html`` (interactive figures in iframes)."""
+    """Write ``report.md`` (figures as PNG links; the run directory's ``notes.md``, when it has one, after the
+    numbers) and ``report.html`` (interactive figures in iframes)."""
     out_dir = Path(out_dir)
     md = headline_markdown(summary)
+    notes = out_dir / NOTES
+    if notes.is_file():   # the researcher's own notes on this run (e.g. targets met or not), kept verbatim
+        md += ["## Notes (written for this run)", "", notes.read_text(encoding="utf-8").strip(), ""]
     md += ["## Figures", ""]
     for stage, title, path in figures:
         rel = path.relative_to(out_dir)
