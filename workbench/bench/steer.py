@@ -21,7 +21,7 @@ from ..directions.artifact import unit
 from ..generation import generate_batch
 from ..hf_hooks import plain_model
 from ..steering.controller import Controller, ControllerConfig
-from ..steering.official import official_controller_config
+from ..steering.official import OfficialConfig, official_controller_config
 from ..steering.steer import controller_plan
 from .official_loop import official_loop
 
@@ -63,7 +63,7 @@ def bench_steer_model(model, prompts: list[str], max_new_tokens: int = 24, repea
             generate_batch(model, b, fwd_hooks=hooks, **fixed)
 
     # the official method (per-step controller, final-layer patch) through the workbench, and its peer loop
-    ocfg = official_controller_config(model)
+    ocfg = official_controller_config(model, OfficialConfig(n_input_layers=min(4, n)))   # 4 unless fewer layers
     torch.manual_seed(0)
     octrl = Controller(ocfg).eval()
     oplan = controller_plan(octrl, unit(direction), "official")
