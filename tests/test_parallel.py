@@ -153,7 +153,12 @@ from workbench.evaluate import evaluate_distributed
 sets = json.loads(sys.argv[2])
 model = load_model(sys.argv[1], device="cpu")
 n_generate = []
-model.blocks[0].register_forward_pre_hook(lambda m, a: n_generate.append(a[0].shape[1]) if a[0].shape[1] > 1 else None)
+from workbench.hf_hooks import decoder_layers, plain_model   # generation runs on the plain HF model
+def count(m, a, k):
+    h = a[0] if a else k["hidden_states"]
+    if h.shape[1] > 1:
+        n_generate.append(h.shape[1])
+decoder_layers(plain_model(model))[0].register_forward_pre_hook(count, with_kwargs=True)
 ev = evaluate_distributed(model, sets, max_new_tokens=5, batch_size=3, show_progress=False, keep_logprobs=True)
 rank = dist.get_rank()
 with open(f"{sys.argv[3]}/rank{rank}.json", "w") as fh:
