@@ -60,7 +60,13 @@ def test_second_run_reuses_the_store(quick_run):
 @pytest.mark.slow
 def test_publish_run_flat_layout(quick_run, tmp_path):
     root, _ = quick_run
+    (tmp_path / "figures" / "smollm2").mkdir(parents=True)
+    (tmp_path / "figures" / "smollm2" / "report.md").write_text("another run's publication")
+    (tmp_path / "figures" / "stale").mkdir()
+    (tmp_path / "figures" / "old.png").write_bytes(b"x")
     dest = publish_run(root / "out", tmp_path / "figures")
+    assert (dest / "smollm2" / "report.md").read_text() == "another run's publication"   # kept
+    assert not (dest / "stale").exists() and not (dest / "old.png").exists()               # replaced
     assert (dest / "plotly.min.js").exists()
     assert len(list(dest.glob("*.png"))) == len(list((root / "out" / "figures").glob("*.png")))
     md = (dest / "report.md").read_text()

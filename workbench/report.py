@@ -255,7 +255,8 @@ def publish_run(run_dir: str | Path, dest: str | Path = "figures", withhold_comp
 
     Layout: ``dest/*.png|*.html`` (+ one ``plotly.min.js``), ``dest/report.md`` and ``report.html`` with links
     rewritten to the flat layout, and ``dest/data/`` with the tables of :data:`PUBLISHED_DATA` (the
-    paper-figures notebook rebuilds the figures from them). Old files in ``dest`` are replaced, not merged.
+    paper-figures notebook rebuilds the figures from them). Old files in ``dest`` are replaced, not merged;
+    a subdirectory holding its own ``report.md`` (another run's publication) is left alone.
 
     Args:
         withhold_compliant: replace every reply to a harmful or jailbreak prompt that was not refused by
@@ -274,6 +275,8 @@ def publish_run(run_dir: str | Path, dest: str | Path = "figures", withhold_comp
         withhold_compliant = json.loads((run / "summary.json").read_text()).get("model") != "organism"
     if dest.exists():
         for p in dest.iterdir():
+            if p.is_dir() and (p / "report.md").exists():
+                continue   # another run's publication inside this one (figures/smollm2 in figures/): kept
             shutil.rmtree(p) if p.is_dir() else p.unlink()
     dest.mkdir(parents=True, exist_ok=True)
     left_out = set()
