@@ -60,13 +60,7 @@ def test_second_run_reuses_the_store(quick_run):
 @pytest.mark.slow
 def test_publish_run_flat_layout(quick_run, tmp_path):
     root, _ = quick_run
-    (tmp_path / "figures" / "smollm2").mkdir(parents=True)
-    (tmp_path / "figures" / "smollm2" / "report.md").write_text("another run's publication")
-    (tmp_path / "figures" / "stale").mkdir()
-    (tmp_path / "figures" / "old.png").write_bytes(b"x")
     dest = publish_run(root / "out", tmp_path / "figures")
-    assert (dest / "smollm2" / "report.md").read_text() == "another run's publication"   # kept
-    assert not (dest / "stale").exists() and not (dest / "old.png").exists()               # replaced
     assert (dest / "plotly.min.js").exists()
     assert len(list(dest.glob("*.png"))) == len(list((root / "out" / "figures").glob("*.png")))
     md = (dest / "report.md").read_text()
@@ -164,6 +158,22 @@ def test_report_only_rebuilds_from_the_stage_records(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["run", "--report-only", "--out", str(out), "--quiet"]) == 0
     assert (out / "report.html").exists()
+
+
+def test_publish_keeps_another_runs_publication(tmp_path):
+    run = tmp_path / "run"
+    (run / "figures").mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"model": "organism"}))
+    (run / "report.md").write_text("# report")
+    dest = tmp_path / "figures"
+    (dest / "smollm2").mkdir(parents=True)
+    (dest / "smollm2" / "report.md").write_text("another run's publication")
+    (dest / "stale").mkdir()
+    (dest / "old.png").write_bytes(b"x")
+    publish_run(run, dest)
+    assert (dest / "smollm2" / "report.md").read_text() == "another run's publication"   # kept
+    assert not (dest / "stale").exists() and not (dest / "old.png").exists()               # replaced
+    assert (dest / "data" / "summary.json").exists()
 
 
 def test_bad_runs(tmp_path):
