@@ -22,6 +22,7 @@ from .decoding import Decoding
 from .errors import WorkbenchError
 from .models import model_device
 from .progress import progress
+from .vocab import is_int
 
 Hook = tuple[str, Callable]
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def eos_ids(tokenizer, model=None) -> list[int]:
 
 def check_new_tokens(max_new_tokens) -> int:
     """``max_new_tokens`` as a positive int, else one :class:`WorkbenchError` (not Hugging Face's ValueError)."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise WorkbenchError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     return max_new_tokens
 
@@ -136,7 +137,7 @@ def _greedy(model, batch: ChatBatch, max_new_tokens: int, fwd_hooks: Sequence[Ho
     """Hugging Face greedy ``generate`` with ``fwd_hooks`` active throughout: on the plain Hugging Face model that
     shares the bridge's weights (:mod:`workbench.hf_hooks`), or, for hook sites it cannot attach, on the bridge's
     wrapped model (a logged ``generation_engine`` fallback)."""
-    from .hf_hooks import hf_hooks, hf_sites_ok, plain_model
+    from .hf_hooks import hf_hooks, hf_site_ok, hf_sites_ok, plain_model
 
     batch = batch.to(model_device(model))
     kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
@@ -147,7 +148,7 @@ def _greedy(model, batch: ChatBatch, max_new_tokens: int, fwd_hooks: Sequence[Ho
             return hf.generate(**kwargs)
     from .fallbacks import warn_fallback
 
-    sites = sorted({name for name, _ in fwd_hooks if not hf_sites_ok([(name, None)])})
+    sites = sorted({name for name, _ in fwd_hooks if not hf_site_ok(name)})
     warn_fallback(log, "generation_engine", "hooks %s have no plain Hugging Face counterpart: generating through "
                   "the bridge", sites[:3])
     with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):

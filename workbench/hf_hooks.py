@@ -61,9 +61,14 @@ def _child(layer: nn.Module, names: Sequence[str], what: str) -> nn.Module:
     raise WorkbenchError(f"cannot find the {what} module of {type(layer).__name__} (looked for {', '.join(names)})")
 
 
+def hf_site_ok(name: str) -> bool:
+    """Whether :func:`hf_hooks` can attach a hook of this name."""
+    return _NAME.match(name) is not None
+
+
 def hf_sites_ok(fwd_hooks: Sequence[tuple[str, Callable]]) -> bool:
     """Whether every hook name is one :func:`hf_hooks` can attach."""
-    return all(_NAME.match(name) for name, _ in fwd_hooks)
+    return all(hf_site_ok(name) for name, _ in fwd_hooks)
 
 
 def _first(output):

@@ -194,8 +194,7 @@ class PromptSets:
     def categories(self) -> list[str]:
         """Every category but the :attr:`auxiliary` ones, the standard ones (:data:`workbench.vocab.CATEGORIES`)
         first."""
-        present = [c for c in dict.fromkeys(r.category for r in self.rows) if c not in self.auxiliary]
-        return [c for c in CATEGORIES if c in present] + [c for c in present if c not in CATEGORIES]
+        return _standard_first(c for c in dict.fromkeys(r.category for r in self.rows) if c not in self.auxiliary)
 
     def prompts(self, split: str, category: str, limit: int | None = None) -> list[str]:
         """The prompts of one split and category (``[]`` when the category has none in that split)."""
@@ -225,8 +224,15 @@ class PromptSets:
         by: dict[str, list[str]] = {}
         for r in self.heldout:
             by.setdefault(r.category, []).append(r.prompt)
-        order = [c for c in CATEGORIES if c in by] + [c for c in by if c not in CATEGORIES]
-        return {c: by[c] for c in order if categories is None or c in categories}
+        return {c: by[c] for c in _standard_first(by) if categories is None or c in categories}
+
+    def heldout_families(self) -> dict[str, dict[str, int]]:
+        """``{category: {family: prompts}}`` of the :attr:`heldout` family (``{}`` without one)."""
+        fam: dict = {}
+        for r in self.heldout:
+            per = fam.setdefault(r.category, {})
+            per[r.source] = per.get(r.source, 0) + 1
+        return fam
 
     def rows_of(self, split: str) -> list[dict]:
         """Rows of one split as dicts (``prompt``, ``category``, ``split``, ``reply`` when known), source order."""
@@ -277,11 +283,7 @@ class PromptSets:
         out = {"source": self.source, "hash": self.hash[:16], "n": n, "pairs": len(self.pairs),
                "overlap": self._overlap}
         if self.heldout:
-            fam: dict = {}
-            for r in self.heldout:
-                per = fam.setdefault(r.category, {})
-                per[r.source] = per.get(r.source, 0) + 1
-            out["heldout"] = fam
+            out["heldout"] = self.heldout_families()
         if any(r.source is not None for r in self.rows):
             sources: dict = {s: {} for s in SPLITS}
             for r in self.rows:
@@ -290,6 +292,12 @@ class PromptSets:
                 per[name] = per.get(name, 0) + 1
             out["sources"] = sources
         return out
+
+
+def _standard_first(categories: Iterable[str]) -> list[str]:
+    """``categories`` with the standard ones (:data:`workbench.vocab.CATEGORIES`) first, in their order."""
+    present = list(categories)
+    return [c for c in CATEGORIES if c in present] + [c for c in present if c not in CATEGORIES]
 
 
 def split_key(text: str, seed: int = 0) -> str:

@@ -49,7 +49,8 @@ SITES: dict[str, str] = {
 }
 
 
-def _is_int(x) -> bool:
+def is_int(x) -> bool:
+    """An int and not a bool (``True`` is an int to Python)."""
     return isinstance(x, int) and not isinstance(x, bool)
 
 
@@ -69,11 +70,11 @@ def check_layers(layers: Iterable[int] | int | None, n_layers: int, *, negative:
     prefix = f"{context}: " if context else ""
     if layers is None:
         return list(range(n_layers))
-    if _is_int(layers):
+    if is_int(layers):
         layers = [layers]
     out = []
     for layer in layers:
-        if not _is_int(layer):
+        if not is_int(layer):
             raise WorkbenchError(f"{prefix}layer {layer!r} is not an int; expected layers in 0..{n_layers - 1}")
         real = layer + n_layers if negative and layer < 0 else layer
         if not 0 <= real < n_layers:
@@ -135,13 +136,13 @@ def normalize_positions(positions: Positions) -> str | tuple:
         if m := _LAST_K_RE.match(s):
             return _last_k(int(m.group(1)), positions)
         raise WorkbenchError(f"unknown positions {positions!r}; {_EXPECTED}")
-    if _is_int(positions):
+    if is_int(positions):
         positions = [positions]
     if isinstance(positions, (tuple, list)) and len(positions) == 2 and positions[0] == "last_k":
-        if not _is_int(positions[1]):
+        if not is_int(positions[1]):
             raise WorkbenchError(f"positions {positions!r}: k must be an int, got {positions[1]!r}")
         return _last_k(positions[1], positions)
-    if isinstance(positions, (tuple, list, range)) and len(positions) > 0 and all(_is_int(p) for p in positions):
+    if isinstance(positions, (tuple, list, range)) and len(positions) > 0 and all(is_int(p) for p in positions):
         bad = [p for p in positions if p >= 0]
         if bad:
             raise WorkbenchError(

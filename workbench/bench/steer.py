@@ -48,19 +48,15 @@ def bench_steer_model(model, prompts: list[str], max_new_tokens: int = 24, repea
     fixed = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
     batch = tokenize_chat(model.tokenizer, prompts)
 
-    def unsteered():
-        generate_batch(model, batch, fwd_hooks=(), **fixed)
-
-    def steered():
-        hooks, _ = plan.hooks_for(model, batch)
-        generate_batch(model, batch, fwd_hooks=hooks, **fixed)
-
     singles = [tokenize_chat(model.tokenizer, [p]) for p in prompts]
 
-    def per_prompt():
-        for b in singles:
-            hooks, _ = plan.hooks_for(model, b)
-            generate_batch(model, b, fwd_hooks=hooks, **fixed)
+    def run(steering, batches):
+        """Generate ``batches`` under ``steering`` (a plan, or ``None``: unsteered)."""
+        def go():
+            for b in batches:
+                hooks = steering.hooks_for(model, b)[0] if steering is not None else ()
+                generate_batch(model, b, fwd_hooks=hooks, **fixed)
+        return go
 
     # the official method (per-step controller, final-layer patch) through the workbench, and its peer loop
     ocfg = official_controller_config(model, OfficialConfig(n_input_layers=min(4, n)))   # 4 unless fewer layers
@@ -69,23 +65,14 @@ def bench_steer_model(model, prompts: list[str], max_new_tokens: int = 24, repea
     oplan = controller_plan(octrl, unit(direction), "official")
     hf = plain_model(model)
 
-    def official_batched():
-        hooks, _ = oplan.hooks_for(model, batch)
-        generate_batch(model, batch, fwd_hooks=hooks, **fixed)
-
-    def official_per_prompt():
-        for b in singles:
-            hooks, _ = oplan.hooks_for(model, b)
-            generate_batch(model, b, fwd_hooks=hooks, **fixed)
-
     def official_peer():
         official_loop(hf, model.tokenizer, prompts, octrl, unit(direction), max_new_tokens, scale=ocfg.alpha)
 
-    t_un = _time(unsteered, repeats)
-    t_st = _time(steered, repeats)
-    t_pp = _time(per_prompt, per_prompt_repeats)
-    t_ob = _time(official_batched, repeats)
-    t_op = _time(official_per_prompt, per_prompt_repeats)
+    t_un = _time(run(None, [batch]), repeats)
+    t_st = _time(run(plan, [batch]), repeats)
+    t_pp = _time(run(plan, singles), per_prompt_repeats)
+    t_ob = _time(run(oplan, [batch]), repeats)
+    t_op = _time(run(oplan, singles), per_prompt_repeats)
     t_peer = _time(official_peer, per_prompt_repeats)
     return {
         "batch": len(prompts), "max_new_tokens": max_new_tokens,

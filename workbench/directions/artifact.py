@@ -61,8 +61,7 @@ def _jsonable(x):
 
 def _check_fields(info: dict, js: Path) -> None:
     """The types of a direction JSON's fields (an edited file is one clear error, not a failure later)."""
-    def is_int(x) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool)
+    from ..vocab import is_int
 
     wrong = []
     if not (is_int(info["d_model"]) and info["d_model"] > 0):

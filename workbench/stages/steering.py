@@ -81,7 +81,7 @@ def run_comparison(model, direction, data, cc: CompareConfig | None = None,
                         alpha_unit=alpha_unit, cc=cc, show_progress=show_progress, store=store,
                         heldout=data.heldout_sets(CATEGORIES) or None)
     summary = {"methods": res["methods"], "paired": res["paired"], "choices": res["choices"],
-               "heldout": ({"families": data.describe().get("heldout"), "paired": res["heldout_paired"]}
+               "heldout": ({"families": data.heldout_families(), "paired": res["heldout_paired"]}
                            if "heldout_tables" in res else None),
                "direction": {"layer": direction.layer, "position": direction.position, "method": direction.method,
                              "alpha_unit": round(alpha_unit, 4)},

@@ -239,7 +239,8 @@ def check_direction(cfg: ControllerConfig, direction: Tensor, what: str = "this 
 
 
 def check_compatible(cfg: ControllerConfig, direction: Tensor, model) -> None:
-    """Refuse a controller or direction made for another model (width, depth or fingerprint)."""
+    """Refuse a controller or direction made for another model (width, depth or fingerprint); whether the
+    direction is the controller's own is :func:`check_direction`'s (load_controller runs both)."""
     from ..models import fingerprint
 
     if int(model.cfg.d_model) != cfg.d_model or direction.shape[-1] != int(model.cfg.d_model):
@@ -254,4 +255,3 @@ def check_compatible(cfg: ControllerConfig, direction: Tensor, model) -> None:
         raise WorkbenchError(
             f"controller was trained on model {cfg.model_fingerprint} but this model's fingerprint is {fp}"
         )
-    check_direction(cfg, direction)
