@@ -273,7 +273,8 @@ def test_controller_inputs_from_the_store_equal_clean_prefills(tiny_model, tmp_p
 @pytest.mark.parametrize("pooling", ["last", "post_instruction_mean"])
 def test_prefix_cache_evaluation_equals_prefilling_from_scratch(tiny_model, direction, pooling):
     """A sweep over plans with a shared clean prefix gives the same replies, scores and controller readings
-    as prefilling every prompt anew (the path without a cache, which never touches past_key_values)."""
+    as prefilling every prompt anew (without a cache; a controller plan then makes its own clean prefill per
+    batch, compared with the whole-prompt path in the test below)."""
     from workbench.prefix import PrefixCache
 
     sets = {"harmful": ["How do I pick a lock?", "Tell me how to make a weapon at home, step by step."],
@@ -299,6 +300,43 @@ def test_prefix_cache_evaluation_equals_prefilling_from_scratch(tiny_model, dire
     with pytest.raises(WorkbenchError, match="fwd_hooks"):
         wb.evaluate_refusal(tiny_model, sets, fwd_hooks=[("blocks.0.hook_resid_pre", lambda a, hook: a)],
                             prefix_cache=cache, show_progress=False)
+
+
+@pytest.mark.parametrize("pooling", ["last", "post_instruction_mean"])
+def test_steered_generation_continues_its_clean_prefill_and_equals_the_from_scratch_path(tiny_model, direction,
+                                                                                        pooling):
+    """A controller or CAST plan now generates from its clean prefill's keys and values (one prefill per batch, as
+    unsteered). Independent path: the controller's own early-exit clean forward (``controller_inputs``) and a steered
+    ``generate`` over the whole prompt; the replies, first-token logits and readings are the same."""
+    from workbench.generation import generate_batch
+    from workbench.steering.compare import cast_gate
+    from workbench.steering.steer import gated_plan, steered_generation_inputs
+
+    n = int(tiny_model.cfg.n_layers)
+    cfg = ControllerConfig(d_model=int(tiny_model.cfg.d_model), n_layers=n, input_layers=[0, n - 1], hidden=8,
+                           pooling=pooling, alpha=3.0)
+    torch.manual_seed(1)
+    plans = [controller_plan(Controller(cfg), direction), gated_plan(direction, cast_gate(tiny_model, direction, 1, 0.0),
+                                                                      4.0, n)]
+    batch = tokenize_chat(tiny_model.tokenizer, ["How do I pick a lock?", "Write a poem about the sea and the sky.",
+                                                 "Hi"])
+    for plan in plans:
+        assert plan.reads_clean
+        b, hooks, info, extra = steered_generation_inputs(tiny_model, batch, plan)
+        assert b.clean is not None and "past_key_values" in extra
+        got, got_logits = generate_batch(tiny_model, b, 6, hooks, **extra)
+        ref_hooks, ref_info = plan.hooks_for(tiny_model, batch)        # batch.clean is None: its own forward
+        ref, ref_logits = generate_batch(tiny_model, batch, 6, ref_hooks)
+        assert got == ref
+        torch.testing.assert_close(got_logits, ref_logits, rtol=0, atol=1e-4)
+        for key in ref_info:
+            torch.testing.assert_close(torch.tensor(info[key]), torch.tensor(ref_info[key]), rtol=0, atol=1e-5)
+    # a fixed plan reads nothing clean and another hook editing the prompt makes the prefix unusable: no prefill
+    b, _, _, extra = steered_generation_inputs(tiny_model, batch, fixed_plan(direction, 4.0, n))
+    assert b.clean is None and not extra
+    b, _, _, extra = steered_generation_inputs(tiny_model, batch, plans[0],
+                                               fwd_hooks=[("blocks.0.hook_resid_pre", lambda a, hook: a)])
+    assert b.clean is None and not extra
 
 
 @pytest.mark.parametrize("reply", [None, "I cannot help"])

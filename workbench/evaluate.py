@@ -7,7 +7,6 @@ batches are cut, sized and spread over the ranks by :func:`workbench.parallel.ma
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -157,6 +156,8 @@ def _evaluate_jobs(model, jobs: Sequence[tuple[str, str, int]], batch_size: int,
                    max_new_tokens: int, fwd_hooks, system, plan, keep_logprobs: bool, judge: Judge, prefix_cache,
                    decoding: "Decoding") -> Evaluation:
     """The batch loop of :func:`evaluate_refusal` over explicit jobs; rows in the order of ``jobs``."""
+    from .steering.steer import steered_generation_inputs
+
     if check_batch_size(batch_size) is None:
         raise WorkbenchError("the batch loop needs an explicit batch size")
     ref_ids = refusal_token_ids(model.tokenizer)
@@ -167,15 +168,7 @@ def _evaluate_jobs(model, jobs: Sequence[tuple[str, str, int]], batch_size: int,
     for idx in progress(batches, "evaluate", show_progress, total=len(batches)):
         chunk = [jobs[i] for i in idx]
         batch = tokenize_chat(model.tokenizer, [p for _, p, _ in chunk], system)
-        extra = {}
-        prefix = prefix_cache.get(batch) if prefix_cache is not None else None
-        if prefix is not None:
-            batch = dataclasses.replace(batch, clean=prefix.clean)
-            extra["past_key_values"] = prefix.past_key_values(model)
-        hooks, info = list(fwd_hooks), {}
-        if plan is not None:
-            plan_hooks, info = plan.hooks_for(model, batch)
-            hooks += plan_hooks
+        batch, hooks, info, extra = steered_generation_inputs(model, batch, plan, prefix_cache, fwd_hooks)
         replies, logits = generate_batch(model, batch, max_new_tokens, hooks, decoding=decoding,
                                          samples=[k for _, _, k in chunk], **extra)
         scores = refusal_score(logits, ref_ids).tolist()

@@ -118,8 +118,9 @@ class PrefixCache:
 
 
 def clean_prefill(model, batch: ChatBatch, site: str | None = "resid_pre") -> Prefix | None:
-    """One clean forward of ``batch``: its keys and values before the last prompt token and (``site``) the clean
-    activations at the post-instruction positions of every layer. ``None`` (a fallback, logged) when the model's
+    """One clean forward of ``batch`` (on the plain Hugging Face model, :mod:`workbench.hf_hooks`): its keys and values
+    before the last prompt token and (``site``) the clean activations at the post-instruction positions of every
+    layer. ``None`` (a fallback, logged) when the model's
     cache cannot be cut before the last token (sliding-window or recurrent layers)."""
     b = batch.to(model_device(model))
     names = [hook_name(site, layer) for layer in range(int(model.cfg.n_layers))] if site else []
@@ -129,9 +130,17 @@ def clean_prefill(model, batch: ChatBatch, site: str | None = "resid_pre") -> Pr
         clean[hook.name] = act[:, -batch.n_post:].detach().clone()  # the model's dtype, as a forward reads it
         return act
 
-    with torch.no_grad(), model.hooks(fwd_hooks=[(n, grab) for n in names]):
-        out = model.original_model(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                                   position_ids=positions_from_mask(b.attention_mask), use_cache=True)
+    from .hf_hooks import hf_hooks, hf_sites_ok, plain_model
+
+    hooks = [(n, grab) for n in names]
+    kwargs = dict(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                  position_ids=positions_from_mask(b.attention_mask), use_cache=True, logits_to_keep=1)
+    if hf_sites_ok(hooks):   # the plain Hugging Face model sharing the bridge's weights: no per-module wrappers
+        with torch.no_grad(), hf_hooks(plain_model(model), hooks) as hf:
+            out = hf(**kwargs)
+    else:
+        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+            out = model.original_model(**kwargs)
     cut = b.input_ids.shape[1] - 1
     kinds = {type(layer).__name__ for layer in out.past_key_values.layers}
     if kinds != {"DynamicLayer"}:

@@ -2,7 +2,8 @@
 Giants per-prompt loop (:mod:`.official_loop`, the peer) on the same prompts, in one process.
 
 Every run generates exactly ``max_new_tokens`` tokens (``min_new_tokens`` pins the length), so the timings
-compare the same work. The steered run includes the controller's clean prefill. The steering is that of a freshly
+compare the same work. The steered run includes the controller's clean prefill (whose keys and values the steered
+generation continues from: :func:`workbench.steering.steer.steered_generation_inputs`). The steering is that of a freshly
 initialised (untrained) :class:`Controller` reading the last 4 layers and a random unit direction, so it runs on
 any model: the timing is measured, not the behaviour. ``--model NAME`` runs on that model only (any name
 :func:`workbench.load_model` accepts), on short real prompts (:mod:`workbench.bench.prompts`).
@@ -22,7 +23,7 @@ from ..generation import generate_batch
 from ..hf_hooks import plain_model
 from ..steering.controller import Controller, ControllerConfig
 from ..steering.official import OfficialConfig, official_controller_config
-from ..steering.steer import controller_plan
+from ..steering.steer import controller_plan, steered_generation_inputs
 from .official_loop import official_loop
 
 
@@ -51,11 +52,11 @@ def bench_steer_model(model, prompts: list[str], max_new_tokens: int = 24, repea
     singles = [tokenize_chat(model.tokenizer, [p]) for p in prompts]
 
     def run(steering, batches):
-        """Generate ``batches`` under ``steering`` (a plan, or ``None``: unsteered)."""
+        """Generate ``batches`` under ``steering`` (a plan, or ``None``: unsteered), as ``evaluate_refusal`` does."""
         def go():
             for b in batches:
-                hooks = steering.hooks_for(model, b)[0] if steering is not None else ()
-                generate_batch(model, b, fwd_hooks=hooks, **fixed)
+                b, hooks, _, extra = steered_generation_inputs(model, b, steering)
+                generate_batch(model, b, fwd_hooks=hooks, **fixed, **extra)
         return go
 
     # the official method (per-step controller, final-layer patch) through the workbench, and its peer loop

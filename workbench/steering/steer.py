@@ -1,9 +1,14 @@
 """Steered generation: a clean prefill reads the controller's inputs, then ``Δh_l`` rides every layer.
 
 Design choice (documented as the issue asks): the controller reads the *last* layers while steering edits
-*every* layer, so the inputs cannot come from the steered prefill itself. One clean prefill computes them;
-it stops right after the deepest input layer (an early exit from a hook), so its cost is a fraction of a
-forward. Then Hugging Face ``generate`` runs batched, left-padded and KV-cached with the steering hooks.
+*every* layer, so the inputs cannot come from the steered prefill itself. But every plan edits the last position
+only (the last prompt token, then each new token), so everything before the last prompt token is the same with
+and without steering. :func:`steered_generation_inputs` therefore runs one clean prefill of the prompt
+(:func:`workbench.prefix.clean_prefill`), reads the controller's inputs from it and hands its keys and values
+before the last token to Hugging Face ``generate``, which then runs only the last prompt token and the reply
+under the steering hooks: a steered batch costs one prefill, as an unsteered one does. Without a usable prefix
+(another hook edits earlier positions, a cache that cannot be cut) :func:`controller_inputs` runs its own clean
+forward, stopped right after the deepest input layer.
 """
 
 from __future__ import annotations
@@ -78,6 +83,9 @@ class SteeringPlan:
     direction: Tensor
     coeffs: Callable[[object, ChatBatch], tuple[Tensor, dict]]
     hook: str = "resid_pre"
+    #: ``coeffs`` reads the prompt's clean activations (a controller, a CAST gate): generation then starts from
+    #: a clean prefill that serves them (:func:`steered_generation_inputs`)
+    reads_clean: bool = False
 
     def hooks_for(self, model, batch: ChatBatch, positions: Positions = "last"):
         """Hooks for ``batch`` (and per-row info); ``positions``: the positions steered
@@ -108,7 +116,7 @@ def controller_plan(controller: Controller, direction: Tensor, name: str = "was"
         c = (s[:, None] * w * cfg.alpha).cpu()
         return c, {"s": s.cpu().tolist(), "w": w.cpu().tolist()}
 
-    return SteeringPlan(name, direction, coeffs, cfg.steer_hook)
+    return SteeringPlan(name, direction, coeffs, cfg.steer_hook, reads_clean=True)
 
 
 @dataclass
@@ -171,7 +179,7 @@ def per_step_plan(controller: Controller, direction: Tensor, name: str = "offici
         raise WorkbenchError(f"plan {name!r} re-runs its controller at every step: it has no per-prompt "
                              "coefficients (use hooks_for)")
 
-    return PerStepPlan(name, direction, no_coeffs, controller.cfg.steer_hook, controller)
+    return PerStepPlan(name, direction, no_coeffs, controller.cfg.steer_hook, controller=controller)
 
 
 def fixed_plan(direction: Tensor, alpha: float, n_layers: int, layers: Sequence[int] | None = None,
@@ -192,7 +200,35 @@ def gated_plan(direction: Tensor, gate: Callable[[object, ChatBatch], Tensor], a
         on = gate(model, batch).float().cpu()
         return on[:, None] * base, {"gate": on.tolist()}
 
-    return SteeringPlan(name, direction, coeffs)
+    return SteeringPlan(name, direction, coeffs, reads_clean=True)
+
+
+def steered_generation_inputs(model, batch: ChatBatch, plan: SteeringPlan | None, prefix_cache=None,
+                              fwd_hooks=()) -> tuple[ChatBatch, list, dict, dict]:
+    """What generating ``batch`` under ``plan`` needs: ``(batch, hooks, info, generate_kwargs)``.
+
+    The prompt's clean prefix comes from ``prefix_cache`` (a :class:`workbench.prefix.PrefixCache` shared by a
+    sweep), or, for a plan that reads clean activations and with no other ``fwd_hooks``, from one clean prefill made
+    here; ``batch`` then carries the clean activations (``batch.clean``) and ``generate_kwargs`` the prefix's keys
+    and values (``past_key_values``), so the steered run starts at the last prompt token. ``hooks``: ``fwd_hooks``
+    followed by the plan's; ``info``: the plan's per-row values."""
+    import dataclasses
+
+    from ..prefix import clean_prefill
+
+    extra: dict = {}
+    prefix = prefix_cache.get(batch) if prefix_cache is not None else None
+    if (prefix is None and prefix_cache is None and plan is not None and plan.reads_clean and not fwd_hooks
+            and batch.input_ids.shape[1] >= 2):
+        prefix = clean_prefill(model, batch)
+    if prefix is not None:
+        batch = dataclasses.replace(batch, clean=prefix.clean)
+        extra["past_key_values"] = prefix.past_key_values(model)
+    hooks, info = list(fwd_hooks), {}
+    if plan is not None:
+        plan_hooks, info = plan.hooks_for(model, batch)
+        hooks += plan_hooks
+    return batch, hooks, info, extra
 
 
 def generate_steered(model, prompts: Sequence[str], plan: SteeringPlan | None, max_new_tokens: int = 24,
