@@ -13,7 +13,8 @@ def cmd_organism_build(a: argparse.Namespace) -> dict:
     from ..organism_smollm2.build import PACKAGE_DATA, build_tuned_organism
     from ..organism_smollm2.tune import SafetyTuneConfig
 
-    overrides = {k: getattr(a, k) for k in ("steps", "batch_size", "lr", "rank", "framed_benign", "harmful_share")
+    overrides = {k: getattr(a, k) for k in ("steps", "batch_size", "lr", "rank", "framed_benign", "harmful_share",
+                                                "borderline_repeat", "max_prompt_tokens")
                  if getattr(a, k) is not None}
     if a.layers is not None:
         overrides["layers"] = tuple(a.layers)
@@ -45,6 +46,10 @@ def register(sub, bench_sub) -> None:
     t.add_argument("--harmful-share", type=float, default=None, help="share of each batch that is harmful")
     t.add_argument("--framed-benign", type=int, default=None,
                    help="harmless requests also trained inside train-split jailbreak templates")
+    t.add_argument("--borderline-repeat", type=parse_positive_int, default=None,
+                   help="times each borderline (safe lookalike) row is in the non-harmful pool")
+    t.add_argument("--max-prompt-tokens", type=parse_positive_int, default=None,
+                   help="training rows with longer chat-formatted prompts are left out")
     t.add_argument("--measure-limit", type=int, default=64,
                    help="test prompts per category for the measured targets (0: do not measure)")
     b.set_defaults(func=cmd_organism_build)

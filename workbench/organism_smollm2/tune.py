@@ -44,6 +44,8 @@ class SafetyTuneConfig:
         max_prompt_tokens: rows whose chat-formatted prompt is longer are left out.
         micro_batch_tokens: padded tokens per forward; a step's rows are cut into length-sorted micro-batches.
         framed_benign: how many harmless requests are also trained inside a train-split jailbreak template.
+        borderline_repeat: how many times each borderline (safe lookalike) row is in the non-harmful pool the
+            batches draw from (1: in proportion to the group's size); their false refusals are the hardest to remove.
         threads: torch CPU threads while building.
     """
 
@@ -62,7 +64,23 @@ class SafetyTuneConfig:
     max_prompt_tokens: int = 256
     micro_batch_tokens: int = 1024
     framed_benign: int = 0
+    borderline_repeat: int = 1
     threads: int = 2
+
+    def __post_init__(self):
+        from ..vocab import is_int
+
+        for name in ("steps", "batch_size", "reply_tokens", "max_prompt_tokens", "micro_batch_tokens",
+                     "borderline_repeat", "threads"):
+            v = getattr(self, name)
+            if not is_int(v) or v < 1:
+                raise WorkbenchError(f"SafetyTuneConfig.{name} must be a positive integer, got {v!r}")
+        if not is_int(self.framed_benign) or self.framed_benign < 0:
+            raise WorkbenchError(f"SafetyTuneConfig.framed_benign must be an integer >= 0, got {self.framed_benign!r}")
+        if not 0.0 < self.harmful_share < 1.0:
+            raise WorkbenchError(f"SafetyTuneConfig.harmful_share must be in (0, 1), got {self.harmful_share!r}")
+        if not self.lr > 0:
+            raise WorkbenchError(f"SafetyTuneConfig.lr must be positive, got {self.lr!r}")
 
     def lora(self) -> LoRAConfig:
         return LoRAConfig(self.rank, self.alpha, tuple(self.targets), tuple(self.layers))
@@ -188,7 +206,8 @@ def train_adapter(hf_model, tokenizer, groups: dict[str, list[tuple[list[int], i
         ``(adapters, log)``: the wrappers by weight prefix and one ``{"step", "loss", "lr", "s"}`` per 10 steps.
     """
     harmful = groups["harmful"]
-    other = [r for k, rows in groups.items() if k != "harmful" for r in rows]
+    other = [r for k, rows in groups.items() if k != "harmful"
+             for r in (rows * cfg.borderline_repeat if k == "borderline" else rows)]
     if not harmful or not other:
         raise WorkbenchError("the safety tune needs harmful and harmless training rows")
     torch.manual_seed(cfg.seed)
