@@ -40,6 +40,8 @@ def test_wheel_contains_the_organism(wheel):
     with zipfile.ZipFile(wheel) as z:  # the checkpoint is the committed one, byte for byte
         packed = z.read("workbench/organism/data/model/model.safetensors")
     assert packed == (ROOT / "workbench/organism/data/model/model.safetensors").read_bytes()
+    for f in ("adapter.safetensors", "training.json"):   # the safety tune of SmolLM2 (organism-smollm2)
+        assert f"workbench/organism_smollm2/data/{f}" in names, f
     meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
     requires = [line for line in zipfile.ZipFile(wheel).read(meta).decode().splitlines()
                 if line.startswith("Requires-Dist:") and "extra ==" not in line]

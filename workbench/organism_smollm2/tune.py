@@ -32,7 +32,8 @@ from .refusals import refusal_for
 
 @dataclass(frozen=True)
 class SafetyTuneConfig:
-    """Everything that defines a safety tune (recorded in the adapter and its report).
+    """Everything that defines a safety tune (recorded in the adapter and its report). The defaults are those of
+    the committed ``organism-smollm2`` adapter (figures/organism-smollm2/report.md: the tunes tried and why).
 
     Attributes:
         base: the registered base model.
@@ -59,12 +60,12 @@ class SafetyTuneConfig:
     batch_size: int = 8
     lr: float = 1e-3
     warmup: int = 20
-    harmful_share: float = 0.4
+    harmful_share: float = 0.3
     reply_tokens: int = 40
-    max_prompt_tokens: int = 256
+    max_prompt_tokens: int = 384
     micro_batch_tokens: int = 1024
-    framed_benign: int = 0
-    borderline_repeat: int = 1
+    framed_benign: int = 240
+    borderline_repeat: int = 3
     threads: int = 2
 
     def __post_init__(self):
@@ -105,7 +106,9 @@ def training_prompts(data, cfg: SafetyTuneConfig) -> dict[str, list[str]]:
         templates = sorted({r["source"] for r in data.rows_of("train")
                             if r["category"] == "jailbreak" and str(r.get("source", "")).startswith("gptfuzzer:")})
         if not templates:
-            raise WorkbenchError("framed_benign needs train-split GPTFuzzer jailbreaks in the data")
+            raise WorkbenchError("framed_benign needs train-split GPTFuzzer jailbreaks in the data (the real preset "
+                                 "has them); train without framed rows with --framed-benign 0 "
+                                 "(SafetyTuneConfig(framed_benign=0))")
         from ..datasets.real import load_gptfuzzer_templates
 
         texts = load_gptfuzzer_templates()
