@@ -121,7 +121,10 @@ def clean_prefill(model, batch: ChatBatch, site: str | None = "resid_pre") -> Pr
     """One clean forward of ``batch`` (on the plain Hugging Face model, :mod:`workbench.hf_hooks`): its keys and values
     before the last prompt token and (``site``) the clean activations at the post-instruction positions of every
     layer. ``None`` (a fallback, logged) when the model's
-    cache cannot be cut before the last token (sliding-window or recurrent layers)."""
+    cache cannot be cut before the last token (sliding-window or recurrent layers); that is found on the model's
+    first prefill and remembered on it, so later calls return ``None`` at once (no wasted forward, one warning)."""
+    if model.__dict__.get(_UNCUTTABLE):
+        return None
     b = batch.to(model_device(model))
     names = [hook_name(site, layer) for layer in range(int(model.cfg.n_layers))] if site else []
     clean: dict[str, Tensor] = {}
@@ -142,13 +145,23 @@ def clean_prefill(model, batch: ChatBatch, site: str | None = "resid_pre") -> Pr
         with torch.no_grad(), model.hooks(fwd_hooks=hooks):
             out = model.original_model(**kwargs)
     cut = b.input_ids.shape[1] - 1
-    kinds = {type(layer).__name__ for layer in out.past_key_values.layers}
+    kinds = cache_layer_kinds(out.past_key_values)
     if kinds != {"DynamicLayer"}:
+        model.__dict__[_UNCUTTABLE] = True
         warn_fallback(log, "prefix_cache", "%s's cache (%s) cannot be cut before the last prompt token: its prompts "
                       "are prefilled in full each time", type(model.original_model).__name__, sorted(kinds))
         return None
     kv = [(layer.keys[:, :, :cut].clone(), layer.values[:, :, :cut].clone()) for layer in out.past_key_values.layers]
     return Prefix(kv, clean)
+
+
+#: set on a bridge (in its ``__dict__``, not a submodule) once its cache is found not to be cuttable
+_UNCUTTABLE = "_wb_prefix_uncuttable"
+
+
+def cache_layer_kinds(cache) -> set[str]:
+    """The class names of a Hugging Face cache's layers (only ``DynamicLayer`` caches can be cut)."""
+    return {type(layer).__name__ for layer in cache.layers}
 
 
 def past_key_values(model, kv: list[tuple[Tensor, Tensor]]):
