@@ -1,4 +1,5 @@
-"""``workbench organism build``: the planted model organism, or (``--base``) the safety tune of a real chat model."""
+"""``workbench organism build``: the planted model organism, or (``--base``) the safety tune of a real chat model;
+``workbench organism alignment``: how much of the tune's adapter writes along a direction."""
 
 from __future__ import annotations
 
@@ -22,6 +23,16 @@ def cmd_organism_build(a: argparse.Namespace) -> dict:
     report = build_tuned_organism(cfg, a.out or PACKAGE_DATA, data=a.data, measure_limit=a.measure_limit,
                                   show_progress=not a.quiet)
     return {k: report[k] for k in ("config", "rows", "timings_s", "adapter", "measured") if k in report}
+
+
+def cmd_organism_alignment(a: argparse.Namespace) -> dict:
+    from ..adapter_alignment import tuned_model_alignment
+
+    result = tuned_model_alignment(a.model, a.direction, show_progress=not a.quiet)
+    if not a.all_layers:  # the per-layer rows are long; the summary and the read layer's neighbours by default
+        result["table"] = [r for r in result["table"] if r["projection"] == "all direct" or
+                           (result["read_layer"] is not None and abs(r["layer"] - result["read_layer"]) <= 2)]
+    return result
 
 
 def register(sub, bench_sub) -> None:
@@ -53,3 +64,10 @@ def register(sub, bench_sub) -> None:
     t.add_argument("--measure-limit", type=int, default=64,
                    help="test prompts per category for the measured targets (0: do not measure)")
     b.set_defaults(func=cmd_organism_build)
+    al = osub.add_parser("alignment", help="how much of a tuned model's adapter writes along a direction "
+                                           "(share of its write energy and cosine with its write subspace, vs chance)")
+    add_common_args(al, model=False)
+    al.add_argument("--model", default="organism-smollm2", help="registered tuned model (default: organism-smollm2)")
+    al.add_argument("--direction", required=True, help="a direction file (e.g. runs/x/directions/direction.json)")
+    al.add_argument("--all-layers", action="store_true", help="every per-projection row, not only the read layer's")
+    al.set_defaults(func=cmd_organism_alignment)
