@@ -109,3 +109,31 @@ def test_bad_inputs_fail_clearly():
         write_alignment(maps, torch.ones(3))
     with pytest.raises(WorkbenchError, match="cannot share"):
         residual_write_maps(Adapter({}, LoRAConfig()), {}, 4, 3)
+
+
+def test_cli_reports_a_tuned_models_alignment(tiny_dir, tmp_path, monkeypatch, capsys):
+    from workbench import model_registry
+    from workbench.cli import main
+    from workbench.directions.artifact import Direction
+    from workbench.lora import save_adapter
+
+    cfg = LoRAConfig(rank=2, alpha=4.0, targets=("q_proj", "down_proj"), layers=(0, 1))
+    wrappers = attach_lora(_hf(tiny_dir), cfg, seed=1)
+    for w in wrappers.values():
+        w.lora_B.data.normal_(0, 0.5, generator=torch.Generator().manual_seed(4))
+    path = save_adapter(tmp_path / "a.safetensors", wrappers, cfg)
+    monkeypatch.setitem(model_registry.TUNED, "tiny-tuned",
+                        model_registry.TunedModel("tiny-tuned", str(tiny_dir), path, "n/a"))
+    # the direction is a column of layer 0's down_proj write: all of it lies in that layer's write subspace
+    b0 = wrappers["model.layers.0.mlp.down_proj"].lora_B.detach()[:, 0]
+    Direction(b0.clone(), layer=1, position=-1, method="diff_in_means", fingerprint="x", d_model=64).save(tmp_path / "d")
+    assert main(["organism", "alignment", "--model", "tiny-tuned", "--direction", str(tmp_path / "d.json"),
+                 "--json", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["read_layer"] == 1 and out["indirect"] == ["q_proj"]
+    row0 = next(r for r in out["table"] if r["layer"] == 0)
+    assert row0["projection"] == "down_proj" and row0["subspace_cos"] == pytest.approx(1.0, abs=1e-5)
+    assert out["upstream"]["down_proj"]["layers"] == [0] and out["upstream"]["down_proj"]["energy_vs_chance"] > 1
+    assert main(["organism", "alignment", "--model", "smollm2-135m-instruct", "--direction",
+                 str(tmp_path / "d.json")]) != 0
+    assert "is not a tuned model" in capsys.readouterr().err
