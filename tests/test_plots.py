@@ -199,6 +199,18 @@ def test_controller_weight_figures(comparison):
         plots.controller_weights_heatmap(pd.concat(comparison["tables"].values()).assign(w=None), "was_e2e")
     csv_like = comparison["tables"]["was_e2e"].assign(w=lambda d: d.w.map(json.dumps))
     assert np.asarray(plots.controller_weights_heatmap(csv_like, None).data[0].z).shape == (6, 4)
+    # the effective steering s * w (worked by hand from the fixture): benign w = 1 at layer 2 counts for nothing at s = 0
+    eff = np.asarray(plots.controller_weights_heatmap(comparison, "was_e2e", value="s*w").data[0].z)
+    np.testing.assert_allclose(eff[:, 0], [0.25, 0.3, 1.0, 1.1, 0.0, 0.0])
+    np.testing.assert_allclose(eff[:, 3], [0.125, 0.15, 0.25, 0.275, 0.0, 0.025])
+    eff_mean = plots.controller_weights_by_category(comparison, value="s*w")
+    np.testing.assert_allclose(eff_mean.data[0].y, [0.275, 0.305, 0.275, 0.1375])
+    np.testing.assert_allclose(eff_mean.data[2].y, [0.0, 0.005, 0.05, 0.0125])
+    assert "s·w" in eff_mean.layout.title.text
+    with pytest.raises(WorkbenchError, match="value must be one of"):
+        plots.controller_weights_by_category(comparison, value="w*s")
+    with pytest.raises(WorkbenchError, match="needs the controller scale s"):
+        plots.controller_weights_heatmap(comparison["tables"]["was_e2e"].drop(columns="s"), None, value="s*w")
 
 
 def test_scale_distribution(comparison):

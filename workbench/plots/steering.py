@@ -72,6 +72,23 @@ def _weights(df: pd.DataFrame, what: str) -> np.ndarray:
     return np.stack(rows)
 
 
+#: what the controller figures plot per layer: the weight ``w_l``, or the effective steering ``s * w_l`` (the edit at
+#: layer ``l`` is ``alpha * s * w_l * d``, so ``w`` alone says nothing where ``s`` is 0)
+LAYER_VALUES = ("w", "s*w")
+
+
+def _layer_values(df: pd.DataFrame, value: str, what: str) -> np.ndarray:
+    """``Float[ndarray, "prompt layer"]``: ``w`` or ``s * w`` per prompt (see :data:`LAYER_VALUES`)."""
+    if value not in LAYER_VALUES:
+        raise WorkbenchError(f"{what}: value must be one of {LAYER_VALUES}, got {value!r}")
+    w = _weights(df, what)
+    if value == "w":
+        return w
+    if "s" not in df.columns or df["s"].isna().any():
+        raise WorkbenchError(f"{what}: value 's*w' needs the controller scale s of every row")
+    return df["s"].to_numpy(float)[:, None] * w
+
+
 def _sorted_by_category(df: pd.DataFrame) -> pd.DataFrame:
     order = {c: i for i, c in enumerate(ordered(df["category"].tolist(), CATEGORY_ORDER))}
     return df.assign(_o=df["category"].map(order)).sort_values("_o", kind="stable").drop(columns="_o")
@@ -83,13 +100,16 @@ def _short(text, n: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------- controller
-def controller_weights_heatmap(tables, method: str | None = "was_e2e", max_prompt_chars: int = 60) -> go.Figure:
-    """Per-prompt layer weights ``w`` of a controller: prompts (grouped by category) x layers.
+def controller_weights_heatmap(tables, method: str | None = "was_e2e", max_prompt_chars: int = 60,
+                               value: str = "w") -> go.Figure:
+    """Per-prompt layer weights ``w`` (or the effective steering ``s * w``) of a controller: prompts (grouped by
+    category) x layers.
 
     Args:
         tables: ``compare_methods`` output (or its ``tables``, or a DataFrame) with ``category``, ``w`` and
             optionally ``prompt``, ``s``, ``method``.
         method: the controller to show (``None`` when the data holds one method).
+        value: ``"w"`` (in [0, 1]) or ``"s*w"`` (:data:`LAYER_VALUES`; needs ``s``).
 
     Returns:
         One heatmap trace ``z[prompt, layer]`` with rows ordered harmful, jailbreak, borderline, benign, then
@@ -97,16 +117,18 @@ def controller_weights_heatmap(tables, method: str | None = "was_e2e", max_promp
     """
     what = "controller_weights_heatmap"
     df = _sorted_by_category(_one_method(tables, method, what, ["category", "w"]))
-    w = _weights(df, what)
+    w = _layer_values(df, value, what)
     cats = df["category"].tolist()
     prompts = [html.escape(_short(p, max_prompt_chars)) for p in df.get("prompt", pd.Series([""] * len(df)))]
     s = df["s"].to_numpy(float) if "s" in df.columns else np.full(len(df), np.nan)
     custom = np.array([[c, p, f"{v:.3f}"] for c, p, v in zip(cats, prompts, s)], dtype=object)
     custom = np.repeat(custom[:, None, :], w.shape[1], axis=1)
     fig = go.Figure(go.Heatmap(
-        z=w, x=list(range(w.shape[1])), y=list(range(len(df))), zmin=0, zmax=1, colorscale=SEQUENTIAL,
-        colorbar=dict(title=dict(text="w")), customdata=custom,
-        hovertemplate="%{customdata[0]}: %{customdata[1]}<br>layer %{x}<br>w %{z:.3f} (s = %{customdata[2]})<extra></extra>",
+        z=w, x=list(range(w.shape[1])), y=list(range(len(df))), zmin=0,
+        zmax=1 if value == "w" else max(float(np.nanmax(w)), 1e-12), colorscale=SEQUENTIAL,
+        colorbar=dict(title=dict(text=value)), customdata=custom,
+        hovertemplate="%{customdata[0]}: %{customdata[1]}<br>layer %{x}<br>" + value
+                      + " %{z:.3f} (s = %{customdata[2]})<extra></extra>",
     ))
     ticks, text, start = [], [], 0
     groups = [(c, sum(1 for _ in g)) for c, g in itertools.groupby(cats)]
@@ -118,12 +140,14 @@ def controller_weights_heatmap(tables, method: str | None = "was_e2e", max_promp
         start += n
     fig.update_yaxes(tickmode="array", tickvals=ticks, ticktext=text, autorange="reversed", ticks="")
     meth = single_value(df, "method", what) or "controller"
-    return styled(fig, f"Controller layer weights per prompt ({meth})", "layer", "prompts by category",
+    title = "Controller layer weights per prompt" if value == "w" else "Effective steering s·w per layer and prompt"
+    return styled(fig, f"{title} ({meth})", "layer", "prompts by category",
                   height=min(1200, max(420, 4 * len(df) + 160)), width=max(520, 34 * w.shape[1] + 300))
 
 
-def controller_weights_by_category(tables, method: str | None = "was_e2e") -> go.Figure:
-    """Mean controller weight ``w_l`` per layer for each prompt category (std as error bars).
+def controller_weights_by_category(tables, method: str | None = "was_e2e", value: str = "w") -> go.Figure:
+    """Mean controller weight ``w_l`` (or effective steering ``s * w_l``, ``value="s*w"``) per layer for each
+    prompt category (std as error bars).
 
     Args:
         tables: as :func:`controller_weights_heatmap` (``category``, ``w``).
@@ -133,7 +157,7 @@ def controller_weights_by_category(tables, method: str | None = "was_e2e") -> go
     """
     what = "controller_weights_by_category"
     df = _one_method(tables, method, what, ["category", "w"])
-    w = _weights(df, what)
+    w = _layer_values(df, value, what)
     cats = ordered(df["category"].tolist(), CATEGORY_ORDER)
     colors = color_map(cats)
     fig = go.Figure()
@@ -143,9 +167,11 @@ def controller_weights_by_category(tables, method: str | None = "was_e2e") -> go
         fig.add_trace(go.Scatter(x=layers, y=w[m].mean(0), mode="lines+markers", name=f"{c} (n={int(m.sum())})",
                                  line=dict(color=colors[c], width=2.5),
                                  error_y=dict(type="data", array=w[m].std(0), visible=True, thickness=1)))
-    fig.update_yaxes(range=[0, 1.02])
+    if value == "w":
+        fig.update_yaxes(range=[0, 1.02])
     meth = single_value(df, "method", what) or "controller"
-    return styled(fig, f"Mean controller layer weight per category ({meth})", "layer", "mean w")
+    title = "Mean controller layer weight per category" if value == "w" else "Mean effective steering s·w per category"
+    return styled(fig, f"{title} ({meth})", "layer", f"mean {value}")
 
 
 def scale_distribution(tables, method: str | Sequence[str] | None = "was_e2e") -> go.Figure:

@@ -112,10 +112,10 @@ class SteeringStage(Stage):
             return []
         figs = [
             ("refusal_rates", "Refusal rate by method and split (test)", plots.refusal_rate_bars(res)),
-            ("controller_weights", "WAS controller layer weights (prompts x layers)",
-             plots.controller_weights_heatmap(res["tables"], method="was_e2e")),
-            ("controller_weights_mean", "Mean layer weight per category",
-             plots.controller_weights_by_category(res["tables"], method="was_e2e")),
+            ("controller_weights", "WAS effective steering s·w_l per prompt (prompts x layers)",
+             plots.controller_weights_heatmap(res["tables"], method="was_e2e", value="s*w")),
+            ("controller_weights_mean", "Mean effective steering s·w_l per category",
+             plots.controller_weights_by_category(res["tables"], method="was_e2e", value="s*w")),
             ("scale_distribution", "Controller scale s by category",
              plots.scale_distribution(res["tables"], method="was_e2e")),
         ]
