@@ -12,6 +12,19 @@ def cmd_run(a: argparse.Namespace) -> dict:
     from ..pipeline import RunConfig, rebuild_report, run_main_job
     from .options import config_from_args
 
+    if a.side_by_side:
+        from ..side_by_side import side_by_side
+
+        labels = a.labels.split(",") if a.labels else [str(d).rstrip("/").rsplit("/", 1)[-1] for d in a.side_by_side]
+        if len(labels) != len(a.side_by_side):
+            from ..errors import WorkbenchError
+
+            raise WorkbenchError(f"--labels names {len(labels)} runs, --side-by-side gives {len(a.side_by_side)}")
+        table = "\n".join(side_by_side(dict(zip(labels, a.side_by_side))))
+        if not a.json:
+            print(table)
+            return {}
+        return {"markdown": table}
     if a.report_only:
         out = a.out or (RunConfig.load(a.config).out_dir if a.config else RunConfig().out_dir)
         summary = rebuild_report(out)
@@ -57,6 +70,9 @@ def register(sub, bench_sub) -> None:
                    help="start from a saved run configuration (a run's config.json); options given override it")
     p.add_argument("--publish", default=None, metavar="DIR",
                    help="also copy the figures, report and small data tables to DIR (e.g. figures/)")
+    p.add_argument("--side-by-side", nargs="+", default=None, metavar="DIR",
+                   help="print one Markdown table of the key numbers of these finished run directories (nothing run)")
+    p.add_argument("--labels", default=None, help="comma-separated column names for --side-by-side")
     p.add_argument("--report-only", action="store_true",
                    help="rebuild summary.json and the report of --out from the stages it holds (nothing recomputed)")
     add_config_options(p, RunConfig, skip=("model", "device", "dtype", "out_dir", "show_progress") + STAGES)
