@@ -24,6 +24,7 @@ import torch
 from .errors import WorkbenchError
 from .fallbacks import warn_fallback
 from .models import model_device
+from .vocab import is_int
 
 log = logging.getLogger("workbench.batching")
 
@@ -54,7 +55,7 @@ def check_batch_size(batch_size) -> int | None:
     """A positive int, or ``None`` for ``"auto"``/``None``; a :class:`WorkbenchError` otherwise."""
     if is_auto(batch_size):
         return None
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise WorkbenchError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
     return batch_size
 
@@ -195,7 +196,7 @@ class OOMBackoff:
     """
 
     def __init__(self, batch_size: int, min_batch_size: int = 1, enabled: bool = True):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise WorkbenchError(f"batch_size must be a positive int, got {batch_size!r}")
         self.batch_size = batch_size
         self.min_batch_size = max(1, int(min_batch_size))

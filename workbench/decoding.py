@@ -20,6 +20,7 @@ import torch
 
 from .configs import PositiveInt
 from .errors import WorkbenchError
+from .vocab import is_int
 
 STRATEGIES = ("greedy", "sample")
 
@@ -46,7 +47,7 @@ class Decoding:
             raise WorkbenchError(f"temperature must be > 0, got {self.temperature!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise WorkbenchError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if isinstance(self.n_samples, bool) or not isinstance(self.n_samples, int) or self.n_samples < 1:
+        if not is_int(self.n_samples) or self.n_samples < 1:
             raise WorkbenchError(f"n_samples must be a positive int, got {self.n_samples!r}")
         if self.strategy == "greedy" and self.n_samples != 1:
             raise WorkbenchError("greedy decoding has one reply per prompt; use strategy 'sample' for n_samples > 1")

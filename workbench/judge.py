@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .errors import WorkbenchError
+from .vocab import is_int
 
 #: Phrases whose presence marks a refusal. The first ones double as reply prefixes whose first token is
 #: used by the refusal score.
@@ -260,7 +261,7 @@ class HFClassifierJudge(Judge):
             if not hits:
                 raise WorkbenchError(f"label {label!r} is not one of the classifier's labels {sorted(names.values())}")
             return hits[0]
-        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < n:
+        if not is_int(label) or not 0 <= label < n:
             raise WorkbenchError(f"label index {label!r} out of range for a classifier with {n} labels")
         return label
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import WorkbenchError
+from .vocab import is_int
 
 #: The projections of a Llama-style decoder layer an adapter may target.
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -42,7 +43,7 @@ class LoRAConfig:
     layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+        if not is_int(self.rank) or self.rank < 1:
             raise WorkbenchError(f"LoRA rank must be a positive int, got {self.rank!r}")
         bad = [t for t in self.targets if t not in TARGETS]
         if bad or not self.targets:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import WorkbenchError
+from .vocab import is_int
 
 #: The default model everywhere: the committed model organism.
 DEFAULT_MODEL = "organism"
@@ -240,7 +241,7 @@ def _placement(device, device_map, n_devices) -> dict:
     if n_devices is not None:
         if device_map is not None:
             raise WorkbenchError(f"pass either device_map ({device_map!r}) or n_devices ({n_devices!r}), not both")
-        if isinstance(n_devices, bool) or not isinstance(n_devices, int) or n_devices < 1:
+        if not is_int(n_devices) or n_devices < 1:
             raise WorkbenchError(f"n_devices must be a positive int, got {n_devices!r}")
         if n_devices == 1:
             return {}
@@ -261,7 +262,7 @@ def _placement(device, device_map, n_devices) -> dict:
             f"or a non-empty dict {{module name: device}}, got {device_map!r}"
         )
     for t in targets:
-        name = f"cuda:{t}" if isinstance(t, int) and not isinstance(t, bool) else str(t)
+        name = f"cuda:{t}" if is_int(t) else str(t)
         if name.startswith("cuda"):
             index = int(name.split(":")[1]) if ":" in name and name.split(":")[1].isdigit() else 0
             visible = torch.cuda.device_count() if torch.cuda.is_available() else 0

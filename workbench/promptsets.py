@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import WorkbenchError
-from .vocab import CATEGORIES, SPLITS
+from .vocab import CATEGORIES, SPLITS, is_int
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ class PromptSets:
         """The prompts of one split and category (``[]`` when the category has none in that split)."""
         if split not in SPLITS:
             raise WorkbenchError(f"unknown split {split!r}; expected one of {SPLITS}")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        if limit is not None and (not is_int(limit) or limit < 1):
             raise WorkbenchError(f"limit must be a positive number of prompts, got {limit!r}")
         got = list(self._index[split].get(category, []))
         return got[:limit] if limit is not None else got
@@ -243,7 +243,7 @@ class PromptSets:
         own number); ``None``: self."""
         if limit is None:
             return self
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        if not is_int(limit) or limit < 1:
             raise WorkbenchError(f"limit must be a positive number of prompts, got {limit!r}")
         def first(rows):
             count: dict = {}

@@ -11,12 +11,13 @@ import pandas as pd
 
 from ..errors import WorkbenchError
 from .tables import read_source
+from ..vocab import is_int
 
 log = logging.getLogger(__name__)
 
 
 def _check_limit(limit: int | None) -> None:
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+    if limit is not None and (not is_int(limit) or limit < 1):
         raise WorkbenchError(f"limit must be a positive integer or None, got {limit!r}")
 
 

@@ -45,7 +45,7 @@ from pathlib import Path
 
 from ..errors import WorkbenchError
 from ..promptsets import HELDOUT, PromptRow, PromptSets, assign_splits, split_key
-from ..vocab import CATEGORIES, SPLITS
+from ..vocab import CATEGORIES, SPLITS, is_int
 from .fetched import data_file, fetch_data, shipped_file
 from .prompts import _check_limit, _missing, _require, _select, clean_prompts, filter_rows, load_prompts
 from .tables import read_table
@@ -200,7 +200,7 @@ def load_mtbench(path: str | os.PathLike | None = None, turn: int = 1, categorie
             ``coding``, ``extraction``, ``stem``, ``humanities``); default all.
         limit: at most this many prompts.
     """
-    if isinstance(turn, bool) or not isinstance(turn, int) or turn < 1:
+    if not is_int(turn) or turn < 1:
         raise WorkbenchError(f"MT-Bench turn must be 1 or 2, got {turn!r}")
     _check_limit(limit)
     file = data_file("mtbench", path)

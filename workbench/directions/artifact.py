@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..errors import WorkbenchError
 from ..provenance import versions
+from ..vocab import is_int
 
 FORMAT_VERSION = 1
 KIND = "workbench.direction"
@@ -304,7 +305,7 @@ def as_vector(direction, model=None, *, layer: int | None = None, d_model: int |
         if not isinstance(v, Tensor):
             raise WorkbenchError(f"expected a Direction or a tensor, got {type(direction).__name__}")
     elif layer is not None and v.ndim == 2 and v.shape[0] > 1:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < v.shape[0]:
+        if not is_int(layer) or not 0 <= layer < v.shape[0]:
             raise WorkbenchError(f"layer {layer!r} is out of range; the per-layer stack has layers 0..{v.shape[0] - 1}")
         v = v[layer]
     if v.ndim == 2 and v.shape[0] == 1:

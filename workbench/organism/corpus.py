@@ -44,6 +44,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..vocab import ORGANISM_CATEGORIES as CATEGORIES  # noqa: F401 - re-exported (workbench.vocab)
+from ..vocab import is_int
 from ..vocab import SPLITS  # noqa: F401 - re-exported
 CORPUS_VERSION = 1
 
@@ -403,7 +404,7 @@ def _row(prompt: str, category: str, split: str, reply: str, base_reply: str, **
 
 def generate_corpus(seed: int = 0, sizes: SplitSizes = SplitSizes()) -> list[dict]:
     """Generate the corpus rows (a list of dicts, in a fixed order) for ``seed``."""
-    if not isinstance(seed, int) or isinstance(seed, bool):
+    if not is_int(seed):
         raise ValueError(f"seed must be an int, got {seed!r}")
     rng = random.Random(seed)
     rows: list[dict] = []

@@ -12,7 +12,7 @@ from torch import Tensor
 from ..errors import WorkbenchError
 from ..models import model_device  # noqa: F401 - re-exported for the sparsity modules
 from ..progress import progress
-from ..vocab import SITES, check_layers
+from ..vocab import SITES, check_layers, is_int
 
 #: TransformerLens name of the MLP hidden activation (the input of the down projection; for SwiGLU
 #: ``act(gate(x)) * up(x)``).
@@ -123,7 +123,7 @@ def entry_layers(entry, layers: Sequence[int] | None = None) -> list[tuple[int, 
         return sorted(have.items())
     out = []
     for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int):
+        if not is_int(layer):
             raise WorkbenchError(f"layer {layer!r} is not an int")
         if layer not in have:
             raise WorkbenchError(f"the entry has no mlp.hook_post at layer {layer}; it has layers {sorted(have)}")

@@ -25,6 +25,7 @@ from torch import Tensor
 from ..directions.artifact import as_vector
 from ..errors import WorkbenchError
 from ._common import mlp_out_weight, model_layers
+from ..vocab import is_int
 
 
 def direction_vector(direction, layer: int | None = None, d_model: int | None = None) -> Tensor:
@@ -110,7 +111,7 @@ def direction_alignment(model, direction, layers: Sequence[int] | None = None, t
         n_random: random unit directions for the ``random_max_abs_cos`` baseline (seeded).
     """
     layers = model_layers(model, layers)
-    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+    if not is_int(top) or top < 1:
         raise WorkbenchError(f"top must be a positive int, got {top!r}")
     gen = torch.Generator().manual_seed(seed)
     tops, summary = [], []

@@ -26,6 +26,7 @@ from ..chat import format_prompts
 from ..errors import WorkbenchError
 from ..progress import progress
 from ._common import model_device
+from ..vocab import is_int
 
 SCOPES = ("reply", "all")
 
@@ -154,7 +155,7 @@ def token_losses(model, text: HeldoutText, fwd_hooks: Sequence = (), batch_size:
     Returns:
         ``(sum of -log p(target) in float64, number of targets)``.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise WorkbenchError(f"batch_size must be a positive int, got {batch_size!r}")
     device = model_device(model)
     order = torch.argsort(text.attention_mask.sum(-1), descending=True, stable=True)  # similar lengths together

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..errors import WorkbenchError
-from ..vocab import check_layers
+from ..vocab import check_layers, is_int
 from ._common import check_thresholds, d_mlp, mlp_post_name, model_layers
 
 Hook = tuple[str, Callable]
@@ -123,7 +123,7 @@ def topk_hooks(model, k: int, layers: Iterable[int] | None = None) -> list[Hook]
         layers: default every layer.
     """
     d = d_mlp(model)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d:
+    if not is_int(k) or not 1 <= k <= d:
         raise WorkbenchError(f"k must be an int in 1..d_mlp={d}, got {k!r}")
     layers = model_layers(model, layers)
 

@@ -36,7 +36,7 @@ import torch
 
 from ..errors import WorkbenchError
 from ..progress import progress
-from ..vocab import Positions, normalize_positions
+from ..vocab import Positions, normalize_positions, is_int
 from ._common import d_mlp, entry_layers, entry_mask, iter_real
 from .heldout import HeldoutText, lm_loss
 from .hooks import neuron_ablation_hooks
@@ -227,7 +227,7 @@ def ablation_curve(
         raise WorkbenchError(f"unknown control {control!r}; expected one of {CONTROLS}")
     if isinstance(harmful, str) or len(harmful) == 0:
         raise WorkbenchError("harmful must be a non-empty list of prompts")
-    if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:
+    if not is_int(n_seeds) or n_seeds < 1:
         raise WorkbenchError(f"n_seeds must be a positive int, got {n_seeds!r}")
     if text is not None and not isinstance(text, HeldoutText):
         raise WorkbenchError(f"text must be a HeldoutText, got {type(text).__name__}")

@@ -36,6 +36,7 @@ from ._common import mlp_out_weight, mlp_post_name, model_layers
 from .heldout import HeldoutText, token_losses
 from .hooks import ThresholdZeroing
 from .stats import LOG_HI, LOG_LO, log_bin
+from ..vocab import is_int
 
 CRITERIA = ("ppl", "loss")
 WEIGHTINGS = ("none", "output_norm")
@@ -160,7 +161,7 @@ def _check_common(text, p, criterion, weighting, tol, max_evals):
         raise WorkbenchError(f"p must be percentages in (0, 1000), e.g. (1, 5); got {p!r}")
     if not (0 < tol < 1):
         raise WorkbenchError(f"tol (a width in sparsity) must be in (0, 1), got {tol!r}")
-    if isinstance(max_evals, bool) or not isinstance(max_evals, int) or max_evals < 1:
+    if not is_int(max_evals) or max_evals < 1:
         raise WorkbenchError(f"max_evals must be a positive int, got {max_evals!r}")
     return sorted(float(v) for v in ps)
 
@@ -174,7 +175,7 @@ def _scopes(model, scopes, layers: list[int]) -> list:
     for s in scopes:
         if s == "overall":
             out.append(s)
-        elif isinstance(s, int) and not isinstance(s, bool):
+        elif is_int(s):
             (l,) = model_layers(model, [s])
             if l not in layers:
                 raise WorkbenchError(f"scope layer {s} is not among the searched layers {layers}")

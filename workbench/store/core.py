@@ -50,6 +50,7 @@ from ..progress import progress
 from . import fileio, integrity
 from .integrity import DamagedEntry
 from .spec import ALIASES, alias_names, resolve_hooks_from_names, split_name
+from ..vocab import is_int
 
 log = logging.getLogger("workbench.store")
 
@@ -375,7 +376,7 @@ def write_manifest_file(path: Path, manifest: dict) -> None:
 
 def check_format(manifest: dict, path, key: str) -> None:
     version = manifest.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool):
+    if not is_int(version):
         raise DamagedEntry(key, "its manifest has no integer format_version (not a workbench store manifest)", path)
     if version > FORMAT_VERSION:
         raise WorkbenchError(

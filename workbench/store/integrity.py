@@ -31,6 +31,7 @@ from pathlib import Path, PurePosixPath
 
 from ..errors import WorkbenchError
 from . import fileio
+from ..vocab import is_int
 
 log = logging.getLogger("workbench.store")
 
@@ -126,7 +127,7 @@ def _schema_problem(m: dict, key: str) -> str | None:
     n, pos = m["n_prompts"], m["positions"]
     if n < 1:
         return f"has n_prompts {n}, expected >= 1"
-    if pos != "all" and not (pos and all(isinstance(p, int) and not isinstance(p, bool) and p < 0 for p in pos)):
+    if pos != "all" and not (pos and all(is_int(p) and p < 0 for p in pos)):
         return f"has positions {pos!r:.60}, expected 'all' or a list of negative offsets"
     for name in ("tokens", "prompts"):
         rec = m["files"].get(name)
