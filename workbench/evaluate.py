@@ -62,6 +62,37 @@ def paired_refusals(reference: "Evaluation", other: "Evaluation") -> dict:
             for c in dict.fromkeys(a["category"])}
 
 
+def rejudge(table: pd.DataFrame, judge: str | Judge | None = "decline") -> dict:
+    """Judge the saved replies of ``table`` (an evaluation's or a steering comparison's generations: ``category``,
+    ``prompt``, ``reply``, and ``method`` / ``refused`` when present) again with ``judge``; no model is run.
+
+    Returns:
+        ``{"judge": name, "rates": {group: {category: {"k", "n", "rate", "lo", "hi", "changed"}}}}``, the group
+        being the method (``"all"`` without a ``method`` column); ``changed`` counts the verdicts that differ from
+        the table's own ``refused`` column (``None`` without one). Rows whose reply was withheld from a
+        publication (:data:`workbench.report.WITHHELD`) cannot be judged and are an error.
+    """
+    from .report import WITHHELD
+    from .stats import rate_interval
+
+    for col in ("category", "prompt", "reply"):
+        if col not in table.columns:
+            raise WorkbenchError(f"rejudge needs a {col!r} column; the table has {list(table.columns)}")
+    if (table["reply"] == WITHHELD).any():
+        raise WorkbenchError(f"{int((table['reply'] == WITHHELD).sum())} replies were withheld from this table (a "
+                             "published copy); re-judge the run directory's own generations")
+    judge = get_judge(judge)
+    verdicts = pd.Series(judge(table["prompt"].astype(str).tolist(), table["reply"].fillna("").astype(str).tolist()),
+                         index=table.index)
+    groups = table["method"] if "method" in table.columns else pd.Series("all", index=table.index)
+    out: dict = {}
+    for (group, cat), idx in table.groupby([groups, table["category"]], sort=False).groups.items():
+        ci = rate_interval(verdicts[idx].tolist())
+        changed = int((verdicts[idx] != table.loc[idx, "refused"].astype(bool)).sum()) if "refused" in table else None
+        out.setdefault(str(group), {})[str(cat)] = {**ci.to_dict(), "changed": changed}
+    return {"judge": judge.name, "rates": out}
+
+
 def evaluate_refusal(
     model,
     prompt_sets: Mapping[str, Sequence[str]],

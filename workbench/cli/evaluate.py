@@ -52,7 +52,21 @@ def _intervention(a: argparse.Namespace, model) -> dict:
                                                  **({"coeff": a.coeff} if kind == "actadd" else {})}}
 
 
+def cmd_rejudge(a: argparse.Namespace) -> dict:
+    import pandas as pd
+
+    from ..evaluate import rejudge
+
+    try:
+        table = pd.read_json(a.rejudge, orient="records", lines=True)
+    except (OSError, ValueError) as exc:
+        raise WorkbenchError(f"cannot read the generations file {a.rejudge!r}: {exc}") from exc
+    return {"file": a.rejudge, **rejudge(table, getattr(a, "cfg:judge", None) or "decline")}
+
+
 def cmd_evaluate(a: argparse.Namespace) -> dict:
+    if a.rejudge:
+        return cmd_rejudge(a)
     from ..models import load_model
     from ..stages import STAGES, EvaluateConfig
     from .options import config_from_args
@@ -111,4 +125,7 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--with-base", action="store_true",
                    help="with --controller/--direction: also evaluate the unsteered model on the same prompts (same "
                         "chat template, same decoding) and report both with an exact McNemar test per category")
+    p.add_argument("--rejudge", default=None, metavar="FILE",
+                   help="judge the replies of a saved generations JSONL (an evaluation's or a steering run's) again "
+                        "with --judge (default: decline) and print the rates per method and category; no model is run")
     p.set_defaults(func=cmd_evaluate)
