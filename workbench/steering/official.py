@@ -73,8 +73,10 @@ Activation Steering) and ``tests/test_official.py``.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -82,10 +84,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import WorkbenchError
+from ..fallbacks import warn_fallback
 from ..models import fingerprint, model_device
 from ..progress import progress
 from ..vocab import hook_name
 from .controller import Controller, ControllerConfig, direction_fingerprint
+
+log = logging.getLogger(__name__)
 
 #: ``configs/paper_reproduction.yaml:46-59``
 OFFICIAL_REFUSAL_PHRASES: tuple[str, ...] = (
@@ -145,11 +150,42 @@ def official_sample(prompts: Sequence[str], max_samples: int = 500, seed: int = 
     return random.Random(seed).sample(prompts, max_samples)
 
 
+#: the attention implementation the official code's model runs with (``AutoModelForCausalLM.from_pretrained``
+#: without ``attn_implementation``: transformers' default, PyTorch's scaled-dot-product attention)
+OFFICIAL_ATTENTION = "sdpa"
+
+
+@contextmanager
+def attention_implementation(hf_model, name: str):
+    """Run ``hf_model`` (a plain Hugging Face model) with attention implementation ``name`` inside the block, the
+    previous one restored on exit; yields ``False`` (and changes nothing) when the model cannot switch to it."""
+    before = getattr(hf_model.config, "_attn_implementation", None)
+    try:
+        hf_model.set_attn_implementation(name)
+    except (AttributeError, ValueError, ImportError) as exc:
+        warn_fallback(log, "official_attention", "official inputs: %s cannot run %s attention (%s); they are "
+                      "captured with %s attention, whose last digits differ from the official run's", type(hf_model).__name__,
+                      name, exc, before)
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        hf_model.set_attn_implementation(before)
+
+
 @torch.no_grad()
 def official_inputs(model, prompts: Sequence[str], layers: Sequence[int], batch_size: int = 8,
                     show_progress: bool = False) -> Tensor:
     """``Float[Tensor, "prompt n_layers d_model"]``: the official training inputs (the template without the
-    generation prompt; ``resid_post`` at position -1 of each padded batch; see the module docstring)."""
+    generation prompt; ``resid_post`` at position -1 of each padded batch; see the module docstring), captured as
+    the official code captures them: forward hooks on the decoder layers of the plain Hugging Face model
+    (:func:`workbench.hf_hooks.plain_model`, the bridge's own weights), running :data:`OFFICIAL_ATTENTION`
+    attention as the official code's model does. (Through the bridge's eager attention the inputs differ in their
+    last digits, ~1e-6, which 10 epochs of training amplify into a different controller: on the organism, seed 1
+    then gives 94.0 % harmful refusal where the official code gives 90.5 %; with these inputs both give 90.5 %.)"""
+    from ..hf_hooks import hf_hooks, plain_model
+
     if len(prompts) == 0:
         raise WorkbenchError("official_inputs needs at least one prompt")
     tok = model.tokenizer
@@ -161,24 +197,26 @@ def official_inputs(model, prompts: Sequence[str], layers: Sequence[int], batch_
         tok.pad_token = tok.eos_token
     device = model_device(model)
     names = [hook_name("resid_post", l) for l in layers]
+    hf = plain_model(model)
     out = []
     try:
-        for s in progress(range(0, len(prompts), batch_size), "official inputs", show_progress):
-            texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                             add_generation_prompt=False) for p in prompts[s:s + batch_size]]
-            enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_len,
-                      add_special_tokens=False)
-            grabbed: dict[str, Tensor] = {}
+        with attention_implementation(hf, OFFICIAL_ATTENTION):
+            for s in progress(range(0, len(prompts), batch_size), "official inputs", show_progress):
+                texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=False) for p in prompts[s:s + batch_size]]
+                enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_len,
+                          add_special_tokens=False)
+                grabbed: dict[str, Tensor] = {}
 
-            def grab(name: str):
-                def fn(act: Tensor, hook=None) -> Tensor:
-                    grabbed[name] = act[:, -1].float().cpu()
-                    return act
-                return fn
+                def grab(name: str):
+                    def fn(act: Tensor, hook=None) -> None:
+                        grabbed[name] = act[:, -1].float().cpu()
+                    return fn
 
-            with model.hooks(fwd_hooks=[(n, grab(n)) for n in set(names)]):
-                model(enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device))
-            out.append(torch.stack([grabbed[n] for n in names], dim=1))
+                with hf_hooks(hf, [(n, grab(n)) for n in set(names)]):
+                    hf(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
+                       use_cache=False)
+                out.append(torch.stack([grabbed[n] for n in names], dim=1))
     finally:
         if pad_added:
             tok.pad_token = None
