@@ -53,6 +53,12 @@ def test_bench_steer_named_model(tiny_dir):
     _positive(out, "ratio_steered_vs_unsteered", "speedup_batched_vs_per_prompt")
     run = out["models"][name]
     assert run["batch"] == 3 and "random unit vector" in run["steering"]["direction"]
+    sec = run["seconds"]
+    # (the seconds are rounded to 4 decimals, the ratios computed before rounding)
+    assert run["ceiling_unsteered_batched_vs_per_prompt"] == pytest.approx(
+        sec["unsteered_per_prompt"] / sec["unsteered_batched"], rel=0.02)
+    assert run["ceiling_unsteered_batched_vs_official_loop"] == pytest.approx(
+        sec["official_loop_peer"] / sec["unsteered_batched"], rel=0.02)
     _prompts_record(out["prompts"])
 
 
