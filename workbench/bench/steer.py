@@ -27,14 +27,19 @@ from ..steering.steer import controller_plan, steered_generation_inputs
 from .official_loop import official_loop
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def _time_interleaved(fns, repeats: int, warm_up: bool = True) -> list[float]:
+    """Median seconds of each of ``fns``, run in turn ``repeats`` times (A B C A B C ...), so that a drift of the
+    machine's speed during the measurement (shared cores, clock changes) falls on all of them alike."""
+    if warm_up:
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t)
+    return [statistics.median(ts) for ts in times]
 
 
 def bench_steer_model(model, prompts: list[str], max_new_tokens: int = 24, repeats: int = 3,
@@ -71,13 +76,10 @@ def bench_steer_model(model, prompts: list[str], max_new_tokens: int = 24, repea
     def official_peer():
         official_loop(hf, model.tokenizer, prompts, octrl, unit(direction), max_new_tokens, scale=ocfg.alpha)
 
-    t_un = _time(run(None, [batch]), repeats)
-    t_upp = _time(run(None, singles), per_prompt_repeats)
-    t_st = _time(run(plan, [batch]), repeats)
-    t_pp = _time(run(plan, singles), per_prompt_repeats)
-    t_ob = _time(run(oplan, [batch]), repeats)
-    t_op = _time(run(oplan, singles), per_prompt_repeats)
-    t_peer = _time(official_peer, per_prompt_repeats)
+    t_un, t_st, t_ob = _time_interleaved([run(None, [batch]), run(plan, [batch]), run(oplan, [batch])], repeats)
+    # the per-prompt runs are long: their warm-up is the batched runs' (same prompts, same plans)
+    t_upp, t_pp, t_op, t_peer = _time_interleaved([run(None, singles), run(plan, singles), run(oplan, singles),
+                                                   official_peer], per_prompt_repeats, warm_up=False)
     return {
         "batch": len(prompts), "max_new_tokens": max_new_tokens,
         "seconds": {"unsteered_batched": round(t_un, 4), "steered_batched": round(t_st, 4),
