@@ -262,3 +262,16 @@ def test_report_shows_intervals_paired_tests_and_seeds():
     assert "| was_e2e | none | p 0.021 (b 1, c 9) | p < 0.001 (b 0, c 30) |" in md
     assert "Over training seeds [0, 1, 2]" in md and "seed-free methods, run once: `none`." in md
     assert "| was_e2e | 3 | 87.5 ± 2.1 % [85.0, 90.0] |" in md and "| none | 1 | 30.8 % [30.8, 30.8] |" in md
+
+
+@pytest.mark.parametrize("name", ["smollm2-cpu.json", "organism-smollm2-cpu.json"])
+def test_committed_run_configs_load_and_keep_their_choices(name):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    cfg = RunConfig.load(path)
+    raw = json.loads(path.read_text())
+    assert cfg.model == raw["model"] and cfg.data == "real"
+    assert cfg.directions.method == "both" and list(cfg.directions.positions) == [-1]
+    assert cfg.directions.selection.max_prompts == 16
+    assert list(cfg.sparsity.steps) == ["stats", "topk", "direction"]
