@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import WorkbenchError
-
-CATS = ("harmful", "jailbreak", "benign", "borderline")
+from .report import rate_with_interval
+from .vocab import CATEGORIES as CATS
 
 
 def _pct(x) -> str:
@@ -27,9 +27,7 @@ def _rate(block: Mapping | None, cat: str) -> str:
     """``"95.3 % [87.1, 98.4]"`` from a block with ``refusal_rate`` (and ``refusal_ci``)."""
     if not block or cat not in (block.get("refusal_rate") or {}):
         return "n/a"
-    r = block["refusal_rate"][cat]
-    ci = (block.get("refusal_ci") or {}).get(cat)
-    return _pct(r) + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+    return rate_with_interval(block["refusal_rate"][cat], (block.get("refusal_ci") or {}).get(cat))
 
 
 def _num(x, fmt: str = "{:.3g}") -> str:
@@ -39,14 +37,17 @@ def _num(x, fmt: str = "{:.3g}") -> str:
 def _top_components(run_dir: Path, component: str, k: int = 3) -> str:
     """The ``k`` largest exact denoising effects of ``component`` (heads: ``L.H``; layers: ``L``), from
     ``patching/patching_sweeps.csv``."""
+    from .patching.sites import ALIASES
+
     path = run_dir / "patching" / "patching_sweeps.csv"
     if not path.is_file():
         return "n/a"
     df = pd.read_csv(path)
-    df = df[(df["component"] == ("z" if component == "heads" else component)) & (df["method"] == "exact")]
+    site = ALIASES[component][0] if component in ALIASES else component  # "heads": the per-head sweep of hook_z
+    df = df[(df["component"] == site) & (df["method"] == "exact")]
     if df.empty:
         return "n/a"
-    if component == "heads":  # the per-head sweep patches each head's z (hook_z)
+    if component == "heads":
         best = df.groupby(["layer", "head"])["value"].max().sort_values(ascending=False).head(k)
         return ", ".join(f"L{int(l)}.H{int(h)} {v:.2f}" for (l, h), v in best.items())
     best = df.groupby("layer")["value"].max().sort_values(ascending=False).head(k)

@@ -56,12 +56,14 @@ def cmd_rejudge(a: argparse.Namespace) -> dict:
     import pandas as pd
 
     from ..evaluate import rejudge
+    from ..stages import EvaluateConfig
+    from .options import config_from_args
 
     try:
         table = pd.read_json(a.rejudge, orient="records", lines=True)
     except (OSError, ValueError) as exc:
         raise WorkbenchError(f"cannot read the generations file {a.rejudge!r}: {exc}") from exc
-    return {"file": a.rejudge, **rejudge(table, getattr(a, "cfg:judge", None) or "decline")}
+    return {"file": a.rejudge, **rejudge(table, config_from_args(EvaluateConfig, a).judge or "decline")}
 
 
 def cmd_evaluate(a: argparse.Namespace) -> dict:
