@@ -588,3 +588,18 @@ def test_cli_sparsity_json(tiny_dir, tmp_path, monkeypatch, capsys):
     assert head["sparsity_at_threshold_0.01"] == sp and "n_halving" in head["halving"]
     assert (tmp_path / "run" / "summary.json").exists() and (tmp_path / "run" / "ppl_curve.csv").exists()
     assert main(["sparsity", "--steps", "stats,bogus", "--quiet"]) == 2
+
+
+def test_cli_sparsity_ppl_overall_only(tiny_dir, tmp_path, monkeypatch, capsys):
+    """``--no-ppl-per-layer`` searches the overall threshold alone, and finds the same one as the full search."""
+    from workbench.cli import main
+
+    _fake_organism(tmp_path / "org", tiny_dir)
+    monkeypatch.setenv("WORKBENCH_ORGANISM", str(tmp_path / "org"))
+    args = ["sparsity", "--json", "--quiet", "--device", "cpu", "--limit", "3", "--steps", "ppl", "--p", "1"]
+    assert main([*args, "--out", str(tmp_path / "all")]) == 0
+    full = json.loads(capsys.readouterr().out)["ppl"]["p1"]
+    assert main([*args, "--no-ppl-per-layer", "--out", str(tmp_path / "one")]) == 0
+    alone = json.loads(capsys.readouterr().out)["ppl"]["p1"]
+    assert set(full) == {"overall", "layer 0", "layer 1"} and set(alone) == {"overall"}
+    assert alone["overall"] == full["overall"]

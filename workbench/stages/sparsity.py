@@ -58,6 +58,9 @@ class SparsityConfig:
     default_threshold: float = DEFAULT_THRESHOLD
     chess_quantile: float = 0.5
     p: tuple[float, ...] = (1.0, 5.0)
+    #: search a PPL-p% threshold per layer as well as the overall one (31 searches instead of 1 on a 30-layer
+    #: model, each up to ``max_evals`` forward passes over the held-out text: switch off on CPU for large models)
+    ppl_per_layer: bool = True
     criterion: str = "ppl"
     weighting: str = "none"
     heldout_scope: str = "reply"
@@ -169,8 +172,9 @@ def sparsity_report(model, data, config: SparsityConfig | None = None, direction
 
     if "ppl" in cfg.steps:
         t = time.time()
-        ppl = ppl_sparsity(model, text, cfg.p, criterion=cfg.criterion, weighting=cfg.weighting, tol=cfg.ppl_tol,
-                           batch_size=bs, show_progress=sp)
+        ppl = ppl_sparsity(model, text, cfg.p, scopes=None if cfg.ppl_per_layer else ["overall"],
+                           criterion=cfg.criterion, weighting=cfg.weighting, tol=cfg.ppl_tol, batch_size=bs,
+                           show_progress=sp)
         tables.update(ppl_result=ppl.result, ppl_curve=ppl.curve)
         summary["ppl"] = {
             "criterion": cfg.criterion, "weighting": cfg.weighting, "heldout": f"{cfg.heldout_split} ({len(held_rows)} "
