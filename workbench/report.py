@@ -7,8 +7,7 @@ import json
 import re
 from pathlib import Path
 
-
-CATEGORY_COLUMNS = ("harmful", "jailbreak", "benign", "borderline")
+from .vocab import CATEGORIES
 
 
 def rate_with_interval(rate: float, ci=None, n: int | None = None) -> str:
@@ -28,7 +27,7 @@ def _shared_n(methods: dict, cat: str) -> int | None:
 
 
 def _rates_table(methods: dict) -> list[str]:
-    cats = [c for c in CATEGORY_COLUMNS if any(c in r.get("refusal_rate", {}) for r in methods.values())]
+    cats = [c for c in CATEGORIES if any(c in r.get("refusal_rate", {}) for r in methods.values())]
     shared = {c: _shared_n(methods, c) for c in cats}
     heads = [c if shared[c] is None else f"{c} (n {shared[c]})" for c in cats]
     lines = ["Refusal rate with its Wilson 95 % interval over prompts.", "",
@@ -57,7 +56,7 @@ def _heldout_table(methods: dict, families: dict | None = None) -> list[str]:
     held = {m: r["heldout"] for m, r in methods.items() if r.get("heldout")}
     if not held:
         return []
-    cats = [c for c in CATEGORY_COLUMNS if any(c in h.get("refusal_rate", {}) for h in held.values())]
+    cats = [c for c in CATEGORIES if any(c in h.get("refusal_rate", {}) for h in held.values())]
     lines = ["## Generalisation: the test split beside the held-out family", "",
              "The same plans at the same operating points (picked on val) on prompts used nowhere else: "
              "test-split requests reworded, and wrapped in jailbreak styles absent from training and selection"
@@ -83,7 +82,7 @@ def _p(p: float) -> str:
 
 def _paired_table(paired: list[dict]) -> list[str]:
     """Exact McNemar tests of each method against a reference on the same prompts, one row per (method, reference)."""
-    cats = [c for c in CATEGORY_COLUMNS if any(r["category"] == c for r in paired)]
+    cats = [c for c in CATEGORIES if any(r["category"] == c for r in paired)]
     lines = ["Paired comparisons on the same test prompts (exact McNemar test): b = prompts the reference refuses "
              "and the method does not, c = the reverse; p two-sided.", "",
              "| method | vs | " + " | ".join(cats) + " |", "|---" * (len(cats) + 2) + "|"]
@@ -100,7 +99,7 @@ def _paired_table(paired: list[dict]) -> list[str]:
 def _seeds_table(seeds: dict) -> list[str]:
     """Mean ± sample std [min, max] of each method's test refusal rate over the training seeds."""
     methods = seeds["methods"]
-    cats = [c for c in CATEGORY_COLUMNS if any(c in r["refusal_rate"] for r in methods.values())]
+    cats = [c for c in CATEGORIES if any(c in r["refusal_rate"] for r in methods.values())]
     free = ", ".join(f"`{m}`" for m in seeds.get("seed_free", []))
     lines = [f"Over training seeds {seeds['values']}: mean ± sample std [min, max] of the test refusal rate"
              + (f"; seed-free methods, run once: {free}." if free else "."), "",
