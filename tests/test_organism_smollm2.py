@@ -107,6 +107,13 @@ def test_adapter_files_fail_clearly(tmp_path, tiny_dir):
 
     with pytest.raises(WorkbenchError, match="does not have"):
         merge_adapter(load_file(str(tiny_dir / "model.safetensors")), load_adapter(path))
+    with pytest.raises(WorkbenchError, match="has no model.safetensors"):
+        merged_checkpoint(tmp_path, path, tmp_path / "merged")
+    from workbench.lora import checkpoint_weights
+
+    with pytest.raises(WorkbenchError, match="has no model.safetensors"):
+        checkpoint_weights(tmp_path)
+    assert checkpoint_weights(tiny_dir).keys() == load_file(str(tiny_dir / "model.safetensors")).keys()
 
 
 def test_tuned_model_without_adapter_says_how_to_build(monkeypatch, tmp_path):

@@ -139,10 +139,8 @@ def tuned_model_alignment(model_name: str, direction, show_progress: bool = Fals
     "upstream": upstream_summary, "read_layer", "indirect": adapted projections without a write map}``."""
     import json
 
-    from safetensors.torch import load_file
-
     from .directions.artifact import Direction, as_vector
-    from .lora import load_adapter
+    from .lora import checkpoint_weights, load_adapter
     from .model_registry import TUNED
     from .organism_smollm2.build import base_checkpoint
 
@@ -154,10 +152,7 @@ def tuned_model_alignment(model_name: str, direction, show_progress: bool = Fals
     adapter = load_adapter(spec.adapter)
     ckpt = base_checkpoint(spec.base, show_progress)
     hf_cfg = json.loads((ckpt / "config.json").read_text())
-    state = {}
-    for f in sorted(ckpt.glob("*.safetensors")):
-        state.update(load_file(str(f)))
-    maps = residual_write_maps(adapter, state, hf_cfg["num_attention_heads"],
+    maps = residual_write_maps(adapter, checkpoint_weights(ckpt), hf_cfg["num_attention_heads"],
                                hf_cfg.get("num_key_value_heads", hf_cfg["num_attention_heads"]))
     vec = as_vector(direction, layer=direction.layer if direction.vector.ndim > 1 else None, nonzero=True)
     table = write_alignment(maps, vec)

@@ -208,6 +208,16 @@ def adapter_source(checkpoint: str | os.PathLike) -> dict | None:
     return json.loads(f.read_text(encoding="utf-8")) if f.exists() else None
 
 
+def checkpoint_weights(base_dir: str | os.PathLike) -> dict:
+    """The state dict of a single-file Hugging Face checkpoint directory (its ``model.safetensors``)."""
+    from safetensors.torch import load_file
+
+    weights = Path(base_dir) / "model.safetensors"
+    if not weights.is_file():
+        raise WorkbenchError(f"base checkpoint {str(base_dir)!r} has no model.safetensors")
+    return load_file(str(weights))
+
+
 def merged_checkpoint(base_dir: str | os.PathLike, adapter_path: str | os.PathLike,
                       out_dir: str | os.PathLike | None = None) -> Path:
     """A checkpoint directory holding ``base_dir``'s weights with the adapter merged in, written once.
@@ -219,13 +229,12 @@ def merged_checkpoint(base_dir: str | os.PathLike, adapter_path: str | os.PathLi
     import tempfile
 
     from filelock import FileLock
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from .fetch import cache_dir, sha256_file
 
     base_dir, adapter_path = Path(base_dir), Path(adapter_path)
-    weights = base_dir / "model.safetensors"
-    if not weights.is_file():
+    if not (base_dir / "model.safetensors").is_file():
         raise WorkbenchError(f"base checkpoint {str(base_dir)!r} has no model.safetensors")
     sha = sha256_file(adapter_path) if adapter_path.is_file() else None
     if sha is None:
@@ -242,7 +251,7 @@ def merged_checkpoint(base_dir: str | os.PathLike, adapter_path: str | os.PathLi
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
             ckpt = Path(tmp) / "ckpt"
             shutil.copytree(base_dir, ckpt, ignore=shutil.ignore_patterns("model.safetensors", "*.lock"))
-            save_file(merge_adapter(load_file(str(weights)), adapter), str(ckpt / "model.safetensors"),
+            save_file(merge_adapter(checkpoint_weights(base_dir), adapter), str(ckpt / "model.safetensors"),
                       metadata={"format": "pt", "adapter": adapter_path.name, "adapter_sha256": sha})
             (ckpt / ADAPTER_SOURCE_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
             if out.exists():
@@ -251,5 +260,5 @@ def merged_checkpoint(base_dir: str | os.PathLike, adapter_path: str | os.PathLi
     return out
 
 
-__all__ = ["ADAPTER_SOURCE_FILE", "Adapter", "adapter_source", "merged_checkpoint", "LoRAConfig", "LoRALinear", "TARGETS", "adapter_tensors", "attach_lora", "decoder_layers",
+__all__ = ["ADAPTER_SOURCE_FILE", "Adapter", "adapter_source", "checkpoint_weights", "merged_checkpoint", "LoRAConfig", "LoRALinear", "TARGETS", "adapter_tensors", "attach_lora", "decoder_layers",
            "load_adapter", "merge_adapter", "save_adapter"]
