@@ -82,6 +82,21 @@ def test_plain_model_shares_the_bridge_weights(organism):
     assert torch.allclose(got, ref, atol=1e-5)
 
 
+def test_plain_forward_keeps_no_attention_weights(organism):
+    """The bridge turns on ``output_attentions`` for its model; the plain model must not inherit it, or every
+    forward holds all layers' attention weights at once (what killed the SmolLM2 steering stage at 24 GB)."""
+    hf = plain_model(organism)
+    b = tokenize_chat(organism.tokenizer, PROMPTS)
+    with torch.no_grad():
+        out = hf(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                 position_ids=positions_from_mask(b.attention_mask))
+        asked = hf(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                   position_ids=positions_from_mask(b.attention_mask), output_attentions=True)
+    assert out.attentions is None and out.hidden_states is None
+    assert len(asked.attentions) == organism.cfg.n_layers   # still there when asked for
+    assert torch.equal(out.logits, asked.logits)
+
+
 def test_steered_generation_equals_the_bridge_path(organism):
     """Every kind of plan (fixed, gated, controller, per-step controller) and directional ablation: the tokens
     generated on the plain HF model are the bridge's, token for token, and the steering changed them."""

@@ -169,6 +169,11 @@ def plain_model(model) -> nn.Module:
         raise WorkbenchError(f"the plain Hugging Face model of {type(om).__name__} has tensors the bridge does not "
                              f"hold: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     hf.generation_config = om.generation_config
+    # the bridge sets output_attentions on its model's config (from_config copied it): a plain forward would then
+    # keep every layer's attention weights until it returns (30 x rows x heads x seq^2 floats: 22 GB for one
+    # 16,384-token prefill of SmolLM2's long jailbreaks); nothing here reads them
+    hf.config.output_attentions = False
+    hf.config.output_hidden_states = False
     hf.eval()
     for p in hf.parameters():
         p.requires_grad_(False)
