@@ -208,14 +208,19 @@ def adapter_source(checkpoint: str | os.PathLike) -> dict | None:
     return json.loads(f.read_text(encoding="utf-8")) if f.exists() else None
 
 
+def checkpoint_weights_file(base_dir: str | os.PathLike) -> Path:
+    """The ``model.safetensors`` of a single-file Hugging Face checkpoint directory (a clear error without one)."""
+    weights = Path(base_dir) / "model.safetensors"
+    if not weights.is_file():
+        raise WorkbenchError(f"base checkpoint {str(base_dir)!r} has no model.safetensors")
+    return weights
+
+
 def checkpoint_weights(base_dir: str | os.PathLike) -> dict:
     """The state dict of a single-file Hugging Face checkpoint directory (its ``model.safetensors``)."""
     from safetensors.torch import load_file
 
-    weights = Path(base_dir) / "model.safetensors"
-    if not weights.is_file():
-        raise WorkbenchError(f"base checkpoint {str(base_dir)!r} has no model.safetensors")
-    return load_file(str(weights))
+    return load_file(str(checkpoint_weights_file(base_dir)))
 
 
 def merged_checkpoint(base_dir: str | os.PathLike, adapter_path: str | os.PathLike,
@@ -234,8 +239,7 @@ def merged_checkpoint(base_dir: str | os.PathLike, adapter_path: str | os.PathLi
     from .fetch import cache_dir, sha256_file
 
     base_dir, adapter_path = Path(base_dir), Path(adapter_path)
-    if not (base_dir / "model.safetensors").is_file():
-        raise WorkbenchError(f"base checkpoint {str(base_dir)!r} has no model.safetensors")
+    checkpoint_weights_file(base_dir)   # fail before the cache lookup, not only on a miss
     sha = sha256_file(adapter_path) if adapter_path.is_file() else None
     if sha is None:
         raise WorkbenchError(f"adapter file {str(adapter_path)!r} does not exist")
@@ -260,5 +264,5 @@ def merged_checkpoint(base_dir: str | os.PathLike, adapter_path: str | os.PathLi
     return out
 
 
-__all__ = ["ADAPTER_SOURCE_FILE", "Adapter", "adapter_source", "checkpoint_weights", "merged_checkpoint", "LoRAConfig", "LoRALinear", "TARGETS", "adapter_tensors", "attach_lora", "decoder_layers",
+__all__ = ["ADAPTER_SOURCE_FILE", "Adapter", "adapter_source", "checkpoint_weights", "checkpoint_weights_file", "merged_checkpoint", "LoRAConfig", "LoRALinear", "TARGETS", "adapter_tensors", "attach_lora", "decoder_layers",
            "load_adapter", "merge_adapter", "save_adapter"]
