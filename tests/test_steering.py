@@ -641,3 +641,39 @@ def test_cast_gate_reads_the_pooling_its_threshold_was_fitted_on(tiny_model, dir
     assert got.tolist() == want.tolist() and 0 < int(want.sum()) < len(prompts)
     assert cast_gate(tiny_model, direction, 1, thr)(tiny_model, batch).tolist() == (cos(act[:, -1]) > thr).tolist()
     assert (cos(act[:, -1]) > thr).tolist() != want.tolist()
+
+
+def test_comparison_records_each_alphas_kl_and_verdict_and_the_report_lists_the_operating_points(organism_comparison):
+    """The val sweep's ``kl_benign`` is the first-token KL of the benign val prompts, recomputed here from two direct
+    evaluations (unsteered and fixed ActAdd at that α); the picked α is the best ``ok`` row of the curve; the report
+    lists it with the rule's verdict."""
+    from workbench.evaluate import evaluate_refusal
+    from workbench.report import headline_markdown
+    from workbench.steering.compare import operating_point_ok
+
+    model, data, direction, cc, result = organism_comparison
+    res = result.compare
+    curve = res["curves"][res["curves"]["method"] == "actadd"].reset_index(drop=True)
+    val = data.split("val", ["harmful", "jailbreak", "benign", "borderline"])
+    ref = evaluate_refusal(model, val, cc.max_new_tokens, cc.batch_size, keep_logprobs=True, show_progress=False)
+    base = ref.table.groupby("category")["refused"].mean().to_dict()
+    n = int(model.cfg.n_layers)
+    unit = direction.unit
+    alpha_unit = float(direction.vector.float().norm())
+    rows = torch.tensor((ref.table["category"] == "benign").to_numpy())
+    for row in curve.itertuples():
+        ev = evaluate_refusal(model, val, cc.max_new_tokens, cc.batch_size, keep_logprobs=True, show_progress=False,
+                              plan=fixed_plan(unit, row.alpha * alpha_unit / n, n))
+        p, q = ref.logprobs[rows].double(), ev.logprobs[rows].double()
+        kl = float((p.exp() * (p - q)).sum(-1).mean())
+        assert abs(row.kl_benign - kl) < 1e-4
+        rates = ev.table.groupby("category")["refused"].mean().to_dict()
+        assert row.ok == operating_point_ok(rates, kl, base, cc)
+    ok = curve[curve["ok"]]
+    choices = result.summary["choices"]
+    assert choices["actadd_rule_met"] == bool(len(ok))
+    if len(ok):
+        harm = (ok["harmful"] + ok["jailbreak"]) / 2
+        assert choices["actadd_alpha"] == ok["alpha"][harm == harm.max()].min()
+    md = "\n".join(headline_markdown({"model": "organism", "steering": result.summary}))
+    assert f"- `actadd`: α = {choices['actadd_alpha']:g}" in md

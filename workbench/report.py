@@ -96,6 +96,36 @@ def _paired_table(paired: list[dict]) -> list[str]:
     return lines
 
 
+#: the steering comparison's swept methods: (method, its choice key, what the number is)
+OPERATING_POINTS = (("actadd", "actadd_alpha", "α = {:g}"), ("actadd_layer", "actadd_layer_alpha", "α = {:g}"),
+                    ("was_bce", "was_bce_alpha", "α = {:g}"), ("was_e2e", "was_e2e_scale", "{:g} × its trained α"))
+
+
+def _operating_points(choices: dict, config: dict | None = None) -> list[str]:
+    """One line per swept method: the operating point picked on val and whether it met the rule
+    (``steering.compare.operating_point_ok``); CAST's threshold and the α it borrows from ``actadd``."""
+    cfg = config or {}
+    rule = (f"benign refusal <= {cfg.get('max_benign_refusal', 0.05):g} and borderline <= "
+            f"{cfg.get('max_borderline_refusal', 0.1):g} (or the unsteered val rate where higher), first-token KL on "
+            f"benign <= {cfg.get('max_kl_benign', 0.1):g}")
+    lines = []
+    for m, key, fmt in OPERATING_POINTS:
+        if key not in choices:
+            continue
+        met = choices.get(f"{m}_rule_met")
+        verdict = ("" if met is None else "; meets the rule" if met else
+                   "; **no value of the grid meets the rule**: the smallest is evaluated")
+        lines.append(f"- `{m}`: {fmt.format(choices[key])}{verdict}")
+    if "cast_threshold" in choices:
+        lines.append(f"- `cast`: cosine > {choices['cast_threshold']:.4f} at layer {choices.get('cast_layer')} "
+                     f"(F1 {choices.get('cast_f1', float('nan')):.3f} on the training prompts), steering with "
+                     f"`actadd`'s α = {choices.get('cast_alpha', float('nan')):g}")
+    if not lines:
+        return []
+    return [f"Operating points picked on val (rule: {rule}; every α's val rates in `steering/alpha_curves.csv`):",
+            ""] + lines
+
+
 def _seeds_table(seeds: dict) -> list[str]:
     """Mean ± sample std [min, max] of each method's test refusal rate over the training seeds."""
     methods = seeds["methods"]
@@ -142,6 +172,9 @@ def headline_markdown(summary: dict) -> list[str]:
     s = summary.get("steering")
     if s:
         out += ["## Weighted Activation Steering vs baselines (test split)", ""] + _rates_table(s["methods"]) + [""]
+        points = _operating_points(s.get("choices") or {}, s.get("config"))
+        if points:
+            out += points + [""]
         if s.get("paired"):
             out += _paired_table(s["paired"]) + [""]
         held = _heldout_table(s["methods"], (s.get("heldout") or {}).get("families"))
