@@ -677,3 +677,16 @@ def test_comparison_records_each_alphas_kl_and_verdict_and_the_report_lists_the_
         assert choices["actadd_alpha"] == ok["alpha"][harm == harm.max()].min()
     md = "\n".join(headline_markdown({"model": "organism", "steering": result.summary}))
     assert f"- `actadd`: α = {choices['actadd_alpha']:g}" in md
+
+
+def test_report_states_the_rule_a_run_was_made_with():
+    """A run made before the KL bound (its config has no ``max_kl_benign``) is not reported as having used it."""
+    from workbench.report import headline_markdown
+
+    methods = {"none": {"refusal_rate": {"harmful": 1.0}}}
+    old = {"max_benign_refusal": 0.05, "max_borderline_refusal": 0.1}
+    for config, kl in ((old, False), ({**old, "max_kl_benign": 0.2}, True)):
+        md = "\n".join(headline_markdown({"model": "m", "steering": {"methods": methods, "config": config,
+                                                                       "choices": {"actadd_alpha": 0.5}}}))
+        assert "benign refusal <= 0.05 and borderline <= 0.1" in md and "- `actadd`: α = 0.5" in md
+        assert ("first-token KL on benign <= 0.2" in md) == kl

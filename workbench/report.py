@@ -105,9 +105,13 @@ def _operating_points(choices: dict, config: dict | None = None) -> list[str]:
     """One line per swept method: the operating point picked on val and whether it met the rule
     (``steering.compare.operating_point_ok``); CAST's threshold and the α it borrows from ``actadd``."""
     cfg = config or {}
-    rule = (f"benign refusal <= {cfg.get('max_benign_refusal', 0.05):g} and borderline <= "
-            f"{cfg.get('max_borderline_refusal', 0.1):g} (or the unsteered val rate where higher), first-token KL on "
-            f"benign <= {cfg.get('max_kl_benign', 0.1):g}")
+    rule = ""
+    if "max_benign_refusal" in cfg and "max_borderline_refusal" in cfg:
+        rule = f"benign refusal <= {cfg['max_benign_refusal']:g} and borderline <= {cfg['max_borderline_refusal']:g}"
+        if "max_kl_benign" in cfg:  # runs made before the KL bound and the relative caps had neither
+            rule += (f" (or the unsteered val rate where higher), first-token KL on benign <= "
+                     f"{cfg['max_kl_benign']:g}")
+        rule = f"rule: {rule}; "
     lines = []
     for m, key, fmt in OPERATING_POINTS:
         if key not in choices:
@@ -122,8 +126,7 @@ def _operating_points(choices: dict, config: dict | None = None) -> list[str]:
                      f"`actadd`'s α = {choices.get('cast_alpha', float('nan')):g}")
     if not lines:
         return []
-    return [f"Operating points picked on val (rule: {rule}; every α's val rates in `steering/alpha_curves.csv`):",
-            ""] + lines
+    return [f"Operating points picked on val ({rule}every α's val rates in `steering/alpha_curves.csv`):", ""] + lines
 
 
 def _seeds_table(seeds: dict) -> list[str]:

@@ -166,6 +166,14 @@ def operating_point_ok(rates: Mapping[str, float], kl_benign: float, base: Mappi
     return all(rates.get(c, 0.0) <= cap + 1e-9 for c, cap in caps.items()) and kl_benign <= cc.max_kl_benign
 
 
+def _evaluate(model, prompts: Mapping[str, Sequence[str]], cc: CompareConfig, plan=None, prefix_cache=None,
+              show: bool = False) -> Evaluation:
+    """One evaluation of the comparison: ``cc``'s reply length, batch size and decoding, first-token log-probs kept
+    (for :func:`~workbench.evaluate.first_token_kl`), prompts prefilled from ``prefix_cache``."""
+    return evaluate_refusal(model, prompts, cc.max_new_tokens, cc.batch_size, plan=plan, keep_logprobs=True,
+                            show_progress=show, prefix_cache=prefix_cache, decoding=cc.decoding)
+
+
 def _pick_alpha(model, make_plan, val: Mapping[str, Sequence[str]], grid, cc: CompareConfig, show: bool,
                 prefix_cache=None, reference: Evaluation | None = None):
     """The α of ``grid`` with the largest harmful-like refusal on val among those meeting
@@ -174,14 +182,12 @@ def _pick_alpha(model, make_plan, val: Mapping[str, Sequence[str]], grid, cc: Co
     ``curve`` has each α's val rates, ``kl_benign`` and ``ok``; when no α meets the rule ``met`` is False and the
     smallest α (the weakest steering) is returned, which the caller records."""
     if reference is None:
-        reference = evaluate_refusal(model, val, cc.max_new_tokens, cc.batch_size, keep_logprobs=True,
-                                     show_progress=False, prefix_cache=prefix_cache, decoding=cc.decoding)
+        reference = _evaluate(model, val, cc, prefix_cache=prefix_cache)
     base = _rates(reference)
     has_benign = bool(len(val.get("benign", ())))
     curve, best = [], None
     for a in progress(grid, "alpha sweep", show):
-        ev = evaluate_refusal(model, val, cc.max_new_tokens, cc.batch_size, plan=make_plan(a), keep_logprobs=True,
-                              show_progress=False, prefix_cache=prefix_cache, decoding=cc.decoding)
+        ev = _evaluate(model, val, cc, make_plan(a), prefix_cache)
         rates = _rates(ev)
         kl = first_token_kl(reference, ev, "benign") if has_benign else 0.0
         harm = sum(rates.get(c, 0) for c in HARMFUL_LIKE) / len(HARMFUL_LIKE)
@@ -276,8 +282,7 @@ def compare_methods(
     def pick(make_plan, grid, name: str):
         # the unsteered val evaluation, once, shared by every method's sweep (rates and first-token KL reference)
         if not val_ref:
-            val_ref.append(evaluate_refusal(model, val, cc.max_new_tokens, cc.batch_size, keep_logprobs=True,
-                                            show_progress=False, prefix_cache=prefix, decoding=cc.decoding))
+            val_ref.append(_evaluate(model, val, cc, prefix_cache=prefix))
         a, curve, met = _pick_alpha(model, make_plan, val, grid, cc, show_progress, prefix, val_ref[0])
         choices[f"{name}_rule_met"] = met
         if not met:
@@ -356,14 +361,11 @@ def compare_methods(
             raise ValueError(f"unknown method {name!r}")
 
     results, tables = {}, {}
-    reference = evaluate_refusal(model, test, cc.max_new_tokens, cc.batch_size, keep_logprobs=True,
-                                 show_progress=show_progress, prefix_cache=prefix, decoding=cc.decoding)
+    reference = _evaluate(model, test, cc, prefix_cache=prefix, show=show_progress)
     ben = reference.table[reference.table["category"] == "benign"]
     ce_ref = None
     for name, plan in plans.items():
-        ev = reference if plan is None else evaluate_refusal(
-            model, test, cc.max_new_tokens, cc.batch_size, plan=plan, keep_logprobs=True, show_progress=show_progress,
-            prefix_cache=prefix, decoding=cc.decoding)
+        ev = reference if plan is None else _evaluate(model, test, cc, plan, prefix, show_progress)
         tables[name] = ev.table.assign(method=name)
         results[name] = {"refusal_rate": _rates(ev), **_intervals(ev),
                          "kl_benign": round(first_token_kl(reference, ev, "benign"), 5)}
